@@ -1,0 +1,51 @@
+"""L_p: background at the borders of every image, every foreground part in every mini-group."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pooled_part_peaks(similarity: torch.Tensor) -> torch.Tensor:
+    """3x3 average pooling (stride 1, no padding) so a single-pixel spike cannot fake presence."""
+    return F.avg_pool2d(similarity, kernel_size=3, stride=1)
+
+
+class BackgroundPresenceLoss(nn.Module):
+    """BCE(max_xy rho * pooled background, 1), rho = 0 at the centre and 1 in the corners."""
+
+    def forward(self, similarity: torch.Tensor) -> torch.Tensor:
+        pooled = pooled_part_peaks(similarity)[:, -1]
+        ph, pw = pooled.shape[-2:]
+        gy = torch.linspace(-1, 1, ph, device=pooled.device, dtype=pooled.dtype)
+        gx = torch.linspace(-1, 1, pw, device=pooled.device, dtype=pooled.dtype)
+        radius = gy[:, None] ** 2 + gx[None, :] ** 2
+        radius = radius / radius.max()
+        peaks = (pooled * radius).flatten(1).amax(dim=1)
+        return F.binary_cross_entropy(peaks.float(), torch.ones_like(peaks, dtype=torch.float32))
+
+
+class MiniGroupPresenceLoss(nn.Module):
+    """Every foreground part should appear in each mini-group; every image should show some part.
+
+    The batch is split into consecutive chunks of ``mini_group`` images (the last may be
+    smaller). Per chunk, ``a = 1 - mean_k max_images M`` and ``b = 1 - mean_images max_k M``
+    with M the spatial peaks of the pooled foreground maps; the loss is
+    ``mean(a) + mean(b)`` over chunks.
+
+    Args:
+        mini_group: chunk size (8 for single-category data, 64 for multi-category).
+    """
+
+    def __init__(self, mini_group: int = 8) -> None:
+        super().__init__()
+        if mini_group < 1:
+            raise ValueError(f"mini_group must be >= 1, got {mini_group}")
+        self.mini_group = mini_group
+
+    def forward(self, similarity: torch.Tensor) -> torch.Tensor:
+        peaks = pooled_part_peaks(similarity[:, :-1]).flatten(2).amax(dim=2)  # (B, K)
+        chunks = peaks.split(self.mini_group, dim=0)
+        per_part = torch.stack([1 - chunk.amax(dim=0).mean() for chunk in chunks])
+        per_image = torch.stack([1 - chunk.amax(dim=1).mean() for chunk in chunks])
+        return per_part.mean() + per_image.mean()

@@ -1,0 +1,100 @@
+"""The frozen self-supervised ViT whose patch tokens MPAE groups into parts."""
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
+
+DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
+
+
+def _create_timm_vit(name: str, weights: str | None, setting: str, **kwargs: Any) -> nn.Module:
+    kwargs = dict(num_classes=0, dynamic_img_size=True, **kwargs)
+    if is_random(weights):
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if is_local_file(weights):
+        # timm's pretrained path converts Meta's DINOv2 keys and resizes position embeddings.
+        load_state_dict_file(weights, setting)  # fail early with a clear message if unreadable
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+        except Exception as err:  # noqa: BLE001
+            raise WeightsUnavailableError(f"{setting}: could not load {weights} into timm model '{name}': {err}") from None
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - network errors come in many types
+        raise WeightsUnavailableError(
+            f"Could not download pretrained weights for backbone '{name}' ({type(err).__name__}: {err}). "
+            f"Without network access, download the weights on another machine (timm or Meta's DINOv2 .pth) "
+            f"and pass the local file with `{setting}=/path/to/weights.pth` "
+            f"(CLI: --model.init_args.{setting} /path/to/weights.pth)."
+        ) from None
+
+
+class FrozenBackbone(nn.Module):
+    """A timm ViT used as a frozen feature extractor: returns final-norm patch tokens.
+
+    Class and register tokens are dropped, leaving (B, h*w, D) in row-major grid
+    order. Position embeddings are resampled to the input grid on the fly
+    (bicubic, antialiased), which matches Meta's DINOv2 code for any image size.
+    The module stays in eval mode and outside autograd even while its parent trains.
+
+    Args:
+        name: timm model name, e.g. ``vit_base_patch14_reg4_dinov2.lvd142m`` or ``vit_small_patch16_224.dino``.
+        weights: ``"timm"`` to download through timm, a local file path (timm or Meta's DINOv2
+            ``.pth`` format), or ``"random"`` for random initialisation.
+        model_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. a tiny ``embed_dim``).
+        setting: name of the user-facing argument, quoted in error messages.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_BACKBONE,
+        weights: str | None = "timm",
+        model_kwargs: dict[str, Any] | None = None,
+        setting: str = "backbone_weights",
+    ) -> None:
+        super().__init__()
+        self.vit = _create_timm_vit(name, weights, setting, **(model_kwargs or {}))
+        self.name = name
+        self.patch_size = int(self.vit.patch_embed.patch_size[0])
+        self.embed_dim = int(self.vit.embed_dim)
+        self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(images)
+        return tokens[:, self.num_prefix_tokens :]
+
+    def load_meta_dinov2_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a state dict in Meta's DINOv2 key names (``register_tokens``, ``ls1.gamma`` …)."""
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        converted = checkpoint_filter_fn(dict(state_dict), self.vit)
+        missing, unexpected = self.vit.load_state_dict(converted, strict=False)
+        missing = [k for k in missing if not k.startswith("head")]
+        if missing or unexpected:
+            raise ValueError(f"DINOv2 state dict does not fit backbone '{self.name}': missing {missing}, unexpected {unexpected}")
+
+
+def dinov2_model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """timm ``VisionTransformer`` arguments for a DINOv2-with-registers config (reference fixtures)."""
+    return dict(
+        img_size=int(config["pretrain_img_size"]),
+        patch_size=int(config["patch_size"]),
+        embed_dim=int(config["embed_dim"]),
+        depth=int(config["depth"]),
+        num_heads=int(config["num_heads"]),
+        mlp_ratio=float(config["mlp_ratio"]),
+        init_values=float(config["layer_scale_init"]),
+        reg_tokens=int(config["num_register_tokens"]),
+        no_embed_class=True,
+    )

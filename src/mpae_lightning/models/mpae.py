@@ -1,0 +1,292 @@
+"""MPAE: Masked Part AutoEncoder (Xia et al., ICCV 2025) as a plain ``nn.Module``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import (
+    ArcFaceSemanticLoss,
+    BackgroundPresenceLoss,
+    EntropyLoss,
+    MiniGroupPresenceLoss,
+    RestorationLoss,
+    TotalVariationLoss,
+)
+from .backbone import DEFAULT_BACKBONE, FrozenBackbone
+from .descriptor_vit import DescriptorViT
+from .restorer import MaskedRestorer, random_masking_ids
+from .vgg import VGGFeatures
+
+
+@dataclass
+class PartEncoding:
+    """What the part branch computes: descriptors D, feature map F and the part logits <D, F>."""
+
+    descriptors: torch.Tensor  # (B, K+1, C)
+    local_features: torch.Tensor  # (B, C, h, w)
+    logits: torch.Tensor  # (B, K+1, h, w)
+
+    @property
+    def similarity(self) -> torch.Tensor:
+        return self.logits.softmax(dim=1)
+
+
+@dataclass
+class MPAEOutput:
+    """A training forward: every loss term (unweighted), the weighted total, and the tensors behind them."""
+
+    losses: dict[str, torch.Tensor]
+    descriptors: torch.Tensor
+    local_features: torch.Tensor
+    similarity: torch.Tensor
+    filled_features: torch.Tensor
+    restored: torch.Tensor
+    target: torch.Tensor
+    masked: torch.Tensor  # (B, h*w) True where a patch was hidden from the encoder
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.losses["total"]
+
+
+class MPAE(nn.Module):
+    """Masked Part AutoEncoder: discovers K parts (+ background, the last channel) per image.
+
+    A frozen ViT gives patch tokens, projected to a feature map F. A trainable ViT over
+    pixels gives K+1 part descriptors D; P = softmax_k <D_k, F> is the part map and
+    R = sum_k P_k D_k fills every masked patch of a masked autoencoder, which must
+    restore the image. See ``MPAE_SPEC.md`` for every term.
+
+    Args:
+        num_parts: K, the number of foreground parts (background is added).
+        image_size: input side S (square images); must be divisible by the patch size.
+        feature_dim: C, width of F, D and the decoder.
+        backbone: timm model name of the frozen ViT, or ``None`` to run without one
+            (then ``backbone_tokens`` must be passed to every forward, and
+            ``backbone_dim``/``patch_size`` given).
+        backbone_weights: ``"timm"`` (download), a local file (timm or Meta DINOv2 format) or ``"random"``.
+        backbone_kwargs: extra ``timm.create_model`` arguments (e.g. a small random ViT for demos).
+        backbone_dim: token width when ``backbone`` is ``None``.
+        patch_size: patch size when ``backbone`` is ``None`` (otherwise taken from the backbone).
+        descriptor_width: width W of the descriptor ViT.
+        descriptor_depth: blocks of the descriptor ViT.
+        descriptor_heads: heads of the descriptor ViT.
+        encoder_width: width E of the masked patch encoder.
+        encoder_depth: blocks of the masked patch encoder.
+        encoder_heads: heads of the masked patch encoder.
+        decoder_depth: blocks of the decoder.
+        decoder_heads: heads of the decoder (``None``: C // 64).
+        restore_patch: side of each restored patch; the restored image is (h*p_r)x(w*p_r).
+        mask_ratio: fraction of patches hidden from the encoder.
+        mini_group: chunk size of the foreground presence loss.
+        arcface_s: ArcFace logit scale s.
+        arcface_m: ArcFace angular margin m.
+        presence_weight: lambda_p.
+        distribution_weight: lambda_d.
+        semantic_weight: lambda_s.
+        l1_weight: weight of the pixel L1 inside L_r.
+        vgg_weights: ``"torchvision"`` (download), a local ``.pth`` or ``"random"``.
+        eval_map_size: side of the inference map when ``eval_scale_factor`` is ``None`` (128 in the paper).
+        eval_scale_factor: upsampling factor from the patch grid to the inference map.
+        norm_eps: LayerNorm epsilon of the masked encoder and decoder.
+        vgg_features: an already built ``vgg19().features`` to use instead of ``vgg_weights``.
+        backbone_module: an already built backbone (anything with ``patch_size``, ``embed_dim``,
+            and ``forward(images) -> (B, h*w, D)``) to use instead of ``backbone``.
+    """
+
+    def __init__(
+        self,
+        num_parts: int = 16,
+        image_size: int = 224,
+        feature_dim: int = 256,
+        backbone: str | None = DEFAULT_BACKBONE,
+        backbone_weights: str | None = "timm",
+        backbone_kwargs: dict[str, Any] | None = None,
+        backbone_dim: int | None = None,
+        patch_size: int | None = None,
+        descriptor_width: int = 256,
+        descriptor_depth: int = 6,
+        descriptor_heads: int = 8,
+        encoder_width: int = 256,
+        encoder_depth: int = 2,
+        encoder_heads: int = 4,
+        decoder_depth: int = 2,
+        decoder_heads: int | None = None,
+        restore_patch: int = 8,
+        mask_ratio: float = 0.9,
+        mini_group: int = 8,
+        arcface_s: float = 20.0,
+        arcface_m: float = 0.5,
+        presence_weight: float = 1.0,
+        distribution_weight: float = 0.5,
+        semantic_weight: float = 0.25,
+        l1_weight: float = 0.1,
+        vgg_weights: str | None = "torchvision",
+        eval_map_size: int = 128,
+        eval_scale_factor: float | None = None,
+        norm_eps: float = 1e-5,
+        vgg_features: nn.Sequential | None = None,
+        backbone_module: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if num_parts < 1:
+            raise ValueError(f"num_parts (K foreground parts) must be >= 1, got {num_parts}")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if backbone_module is not None:
+            self.backbone = backbone_module
+        elif backbone is not None:
+            self.backbone = FrozenBackbone(backbone, backbone_weights, backbone_kwargs)
+        else:
+            self.backbone = None
+            if backbone_dim is None or patch_size is None:
+                raise ValueError("Without a backbone, give backbone_dim and patch_size (and pass backbone_tokens).")
+        if self.backbone is not None:
+            patch_size = int(self.backbone.patch_size)
+            backbone_dim = int(self.backbone.embed_dim)
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size={image_size} is not divisible by the backbone's patch size {patch_size}; "
+                f"use a multiple of {patch_size} (e.g. {image_size // patch_size * patch_size})"
+            )
+        self.num_parts = num_parts
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.grid_size = (image_size // patch_size, image_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.mask_ratio = mask_ratio
+        self.loss_weights = {"presence": presence_weight, "distribution": distribution_weight, "semantic": semantic_weight}
+        self.eval_scale_factor = float(eval_scale_factor) if eval_scale_factor else eval_map_size / self.grid_size[0]
+
+        self.feature_proj = nn.Conv2d(backbone_dim, feature_dim, kernel_size=1, bias=False)
+        self.descriptor_vit = DescriptorViT(
+            num_parts + 1, feature_dim, self.grid_size, patch_size, descriptor_width, descriptor_depth, descriptor_heads
+        )
+        self.restorer = MaskedRestorer(
+            self.grid_size,
+            patch_size,
+            feature_dim,
+            encoder_width,
+            encoder_depth,
+            encoder_heads,
+            decoder_depth,
+            decoder_heads,
+            restore_patch,
+            norm_eps,
+        )
+        self.restoration_loss = RestorationLoss(VGGFeatures(vgg_weights, features=vgg_features), l1_weight)
+        self.total_variation_loss = TotalVariationLoss()
+        self.entropy_loss = EntropyLoss()
+        self.background_presence_loss = BackgroundPresenceLoss()
+        self.foreground_presence_loss = MiniGroupPresenceLoss(mini_group)
+        self.semantic_loss = ArcFaceSemanticLoss(arcface_s, arcface_m)
+
+    @property
+    def restored_size(self) -> tuple[int, int]:
+        p = self.restorer.restore_patch
+        return self.grid_size[0] * p, self.grid_size[1] * p
+
+    @property
+    def mini_group(self) -> int:
+        return self.foreground_presence_loss.mini_group
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything but the frozen backbone and VGG."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"this MPAE was built for {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}"
+            )
+
+    def encode_parts(self, images: torch.Tensor, backbone_tokens: torch.Tensor | None = None) -> PartEncoding:
+        """Descriptors D, feature map F and part logits at the patch grid."""
+        self._check_images(images)
+        if backbone_tokens is None:
+            if self.backbone is None:
+                raise ValueError("this MPAE has no backbone: pass backbone_tokens")
+            with torch.no_grad():
+                backbone_tokens = self.backbone(images)
+        h, w = self.grid_size
+        if backbone_tokens.shape[1] != h * w:
+            raise ValueError(f"expected {h * w} backbone tokens for a {h}x{w} grid, got {backbone_tokens.shape[1]}")
+        grid = backbone_tokens.transpose(1, 2).reshape(backbone_tokens.shape[0], -1, h, w)
+        local_features = self.feature_proj(grid.to(self.feature_proj.weight.dtype))
+        descriptors = self.descriptor_vit(images)
+        logits = torch.einsum("bkc,bchw->bkhw", descriptors, local_features)
+        return PartEncoding(descriptors, local_features, logits)
+
+    def compute_losses(
+        self,
+        images: torch.Tensor,
+        target: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        backbone_tokens: torch.Tensor | None = None,
+    ) -> MPAEOutput:
+        """A training forward.
+
+        Args:
+            images: (B, 3, S, S) ImageNet-normalised images.
+            target: restoration target; default: bilinear resize of ``images`` to the restored size.
+            noise: (B, h*w) masking noise (ascending order = kept first); default: uniform random.
+            backbone_tokens: precomputed (B, h*w, D) backbone tokens instead of running the backbone.
+        """
+        enc = self.encode_parts(images, backbone_tokens)
+        similarity = enc.similarity
+        filled = torch.einsum("bkhw,bkc->bchw", similarity, enc.descriptors)
+        if noise is None:
+            noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
+        ids_keep, masked = random_masking_ids(noise, self.mask_ratio)
+        restored = self.restorer(images, filled, ids_keep)
+        if target is None:
+            target = F.interpolate(images, size=restored.shape[-2:], mode="bilinear", align_corners=False)
+
+        losses = dict(self.restoration_loss(restored, target))
+        losses["total_variation"] = self.total_variation_loss(similarity)
+        losses["entropy"] = self.entropy_loss(similarity)
+        losses["distribution"] = losses["total_variation"] + losses["entropy"]
+        losses["presence_background"] = self.background_presence_loss(similarity)
+        losses["presence_foreground"] = self.foreground_presence_loss(similarity)
+        losses["presence"] = losses["presence_background"] + losses["presence_foreground"]
+        losses["semantic"] = self.semantic_loss(similarity, enc.local_features, enc.descriptors)
+        w = self.loss_weights
+        losses["total"] = (
+            losses["restoration"]
+            + w["distribution"] * losses["distribution"]
+            + w["presence"] * losses["presence"]
+            + w["semantic"] * losses["semantic"]
+        )
+        return MPAEOutput(
+            losses, enc.descriptors, enc.local_features, similarity, filled, restored, target, masked
+        )
+
+    def predict_parts(
+        self,
+        images: torch.Tensor,
+        backbone_tokens: torch.Tensor | None = None,
+        scale_factor: float | None = None,
+    ) -> torch.Tensor:
+        """(B, K+1, h*s, w*s) part probabilities at evaluation resolution (background last).
+
+        The logits are upsampled bilinearly before the softmax; this equals the
+        authors' upsampling of F before the dot product, since both are linear.
+        """
+        logits = self.encode_parts(images, backbone_tokens).logits
+        scale = self.eval_scale_factor if scale_factor is None else scale_factor
+        if scale != 1:
+            logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+        return logits.softmax(dim=1)
+
+    def forward(self, images: torch.Tensor, **kwargs: Any) -> MPAEOutput | torch.Tensor:
+        """Training mode: :meth:`compute_losses`; eval mode: :meth:`predict_parts`."""
+        if self.training:
+            return self.compute_losses(images, **kwargs)
+        return self.predict_parts(images, **kwargs)
