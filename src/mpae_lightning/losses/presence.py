@@ -22,7 +22,9 @@ class BackgroundPresenceLoss(nn.Module):
         radius = gy[:, None] ** 2 + gx[None, :] ** 2
         radius = radius / radius.max()
         peaks = (pooled * radius).flatten(1).amax(dim=1)
-        return F.binary_cross_entropy(peaks.float(), torch.ones_like(peaks, dtype=torch.float32))
+        # BCE against 1 is -log(p) with PyTorch's clamp of the log at -100; written out because
+        # F.binary_cross_entropy refuses to run under autocast (mixed precision).
+        return -peaks.float().log().clamp_min(-100).mean()
 
 
 class MiniGroupPresenceLoss(nn.Module):

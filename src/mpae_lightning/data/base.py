@@ -1,0 +1,390 @@
+"""Base DataModule, the image-list dataset and the input checks shared by every dataset."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from .samplers import EvalShardSampler, MiniGroupBatchSampler
+from .transforms import eval_transform, scale_keypoints, train_transform
+
+__all__ = [
+    "DatasetFormatError",
+    "ImageReadError",
+    "ImageRecord",
+    "ImageRecordDataset",
+    "PartDataModule",
+    "check_files_exist",
+    "load_rgb",
+    "missing_files",
+]
+
+Split = Literal["train", "val", "test", "predict"]
+
+
+class DatasetFormatError(ValueError):
+    """An annotation file exists but does not have the expected syntax or content."""
+
+
+class ImageReadError(OSError):
+    """An image file exists but cannot be decoded."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as 3-channel RGB (grayscale, CMYK, RGBA and palette images included).
+
+    Args:
+        path: Image file.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ImageReadError: The file cannot be decoded; the message names the path.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grayscale: PIL's direct RGB conversion clips, so rescale to 8 bits first.
+                arr = np.asarray(img, dtype=np.float64)
+                hi = arr.max() if arr.size else 0.0
+                arr = arr / (hi if hi > 0 else 1.0) * 255.0
+                img = Image.fromarray(arr.astype(np.uint8), mode="L")
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(
+            f"cannot read image {path} ({type(err).__name__}: {err}); expected a readable image file "
+            "(JPEG, PNG, BMP, WebP); it may be truncated or corrupt"
+        ) from err
+
+
+def missing_files(paths: Sequence[str]) -> list[str]:
+    """The entries of ``paths`` that are not existing files (one listdir per folder, not one stat per file)."""
+    listing: dict[str, set[str] | None] = {}
+    missing = []
+    for p in paths:
+        folder, name = os.path.split(p)
+        if folder not in listing:
+            listing[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else None
+        names = listing[folder]
+        if names is None or name not in names:
+            missing.append(p)
+    return missing
+
+
+def raise_missing(missing: Sequence[str], total: int, listed_in: str, expected_under: str, show: int = 5) -> None:
+    """Raise one FileNotFoundError listing the first ``show`` missing paths and their count."""
+    if not missing:
+        return
+    head = "\n  ".join(missing[:show])
+    more = f"\n  ... and {len(missing) - show} more" if len(missing) > show else ""
+    raise FileNotFoundError(
+        f"{len(missing)} of {total} images listed in {listed_in} do not exist "
+        f"(expected under {expected_under}):\n  {head}{more}"
+    )
+
+
+def check_files_exist(paths: Sequence[str], listed_in: str, expected_under: str, show: int = 5) -> None:
+    """Raise one FileNotFoundError listing the first few missing paths and their count.
+
+    Args:
+        paths: Files that must exist.
+        listed_in: Where the paths come from (an annotation file), for the message.
+        expected_under: The folder they were expected in, for the message.
+        show: How many missing paths the message lists.
+    """
+    raise_missing(missing_files(paths), len(paths), listed_in, expected_under, show)
+
+
+def require_file(path: str, what: str) -> str:
+    """Return ``path`` if it is a file, else raise FileNotFoundError with ``what`` as the expectation."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; expected {what}")
+    return path
+
+
+def require_root(root: str, dataset: str, expected: str) -> str:
+    """Return the expanded ``root`` if it is a folder, else raise a FileNotFoundError naming it."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{dataset} root {root} does not exist or is not a folder; expected {expected}")
+    return root
+
+
+@dataclass
+class ImageRecord:
+    """One image of a split.
+
+    Args:
+        path: Image file.
+        label: Class id, -1 if unknown.
+        keypoints: (P, 2) float (x, y) in original-image pixels, or None.
+        visible: (P,) bool, or None.
+    """
+
+    path: str
+    label: int = -1
+    keypoints: np.ndarray | None = None
+    visible: np.ndarray | None = None
+
+
+class ImageRecordDataset(Dataset):
+    """Images read from a list of :class:`ImageRecord`, returned as dicts.
+
+    Every item has ``image`` (3, S, S) float normalised, ``index`` (position in the list),
+    ``path`` and ``label``. In evaluation mode, records with keypoints add ``keypoints`` (P, 2)
+    in pixels of the S×S image and ``visible`` (P,) bool, and ``mask_fn`` (if given) adds
+    ``mask`` (mask_size, mask_size) long. Training items carry only the image and its identity.
+
+    Args:
+        records: The split's images, in the dataset's own listing order.
+        image_size: Side S of the output image.
+        train: Apply the training augmentation instead of the evaluation resize.
+        mask_fn: ``mask_fn(index, width, height)`` -> (mask_size, mask_size) long tensor.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        image_size: int,
+        train: bool = False,
+        mask_fn: Callable[[int, int, int], torch.Tensor] | None = None,
+    ) -> None:
+        self.records = list(records)
+        self.image_size = image_size
+        self.train = train
+        self.mask_fn = mask_fn
+        self.transform = train_transform(image_size) if train else eval_transform(image_size)
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        img = load_rgb(rec.path)
+        width, height = img.size
+        item: dict[str, Any] = {
+            "image": self.transform(img),
+            "index": index,
+            "path": rec.path,
+            "label": rec.label,
+        }
+        if self.train:
+            return item
+        if rec.keypoints is not None:
+            item["keypoints"] = scale_keypoints(rec.keypoints, width, height, self.image_size)
+            vis = rec.visible if rec.visible is not None else np.ones(len(rec.keypoints), dtype=bool)
+            item["visible"] = torch.as_tensor(np.asarray(vis, dtype=bool))
+        if self.mask_fn is not None:
+            item["mask"] = self.mask_fn(index, width, height)
+        return item
+
+
+class PartDataModule(LightningDataModule):
+    """Base DataModule: mini-group training batches and rank-sharded evaluation without duplicates.
+
+    Subclasses implement :meth:`build_dataset` and set the annotation attributes in ``__init__``:
+    ``has_keypoints``, ``has_masks``, ``num_keypoints`` (0 if none) and ``num_mask_labels``
+    (ground-truth mask labels including the background, which is the last id; 0 if none).
+
+    Training uses :class:`~mpae_lightning.data.samplers.MiniGroupBatchSampler` sharded by whole
+    batches across ranks; validation/test/predict use
+    :class:`~mpae_lightning.data.samplers.EvalShardSampler` (every sample exactly once over all
+    ranks, in order). Lightning must not replace these samplers, so under DDP the Trainer needs
+    ``use_distributed_sampler=False`` (the dataloader hooks raise otherwise). Evaluation shards
+    differ in size by at most one sample, so a rank may run one evaluation batch more than another:
+    synchronise metric states once at epoch end (torchmetrics does), not with per-step
+    ``sync_dist=True`` logging.
+
+    Args:
+        batch_size: Training images per batch and per process; a multiple of ``mini_group``.
+        mini_group: Chunk size of the mini-group presence loss (8 single-category, 64 multi-category).
+        eval_batch_size: Images per batch for validation, test and predict.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the training order (shared by all ranks; reshuffled every epoch).
+        group_by: ``"class"`` to fill each training mini-group with images of one class (not what
+            the paper does), or None.
+        image_size: Side S of the square network input.
+        mask_size: Side of the ground-truth part masks (datasets with masks).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        mini_group: int = 8,
+        eval_batch_size: int = 32,
+        num_workers: int = 2,
+        seed: int = 0,
+        group_by: Literal["class"] | None = None,
+        image_size: int = 224,
+        mask_size: int = 128,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or mini_group < 1 or eval_batch_size < 1:
+            raise ValueError(
+                f"batch_size ({batch_size}), mini_group ({mini_group}) and eval_batch_size "
+                f"({eval_batch_size}) must be positive"
+            )
+        if batch_size % mini_group != 0:
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a multiple of mini_group ({mini_group}): MPAE's "
+                "presence loss works on consecutive chunks of mini_group images of a batch"
+            )
+        if group_by not in (None, "class"):
+            raise ValueError(f"group_by must be None or 'class', got {group_by!r}")
+        if image_size < 1 or mask_size < 1:
+            raise ValueError(f"image_size ({image_size}) and mask_size ({mask_size}) must be positive")
+        self.batch_size = int(batch_size)
+        self.mini_group = int(mini_group)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.group_by = group_by
+        self.image_size = int(image_size)
+        self.mask_size = int(mask_size)
+        self.has_keypoints = False
+        self.has_masks = False
+        self.num_keypoints = 0
+        self.num_mask_labels = 0
+        self._datasets: dict[str, Dataset] = {}
+
+    # -- datasets ------------------------------------------------------------------------------
+    def build_dataset(self, split: Split) -> Dataset:
+        """Build the dataset of ``split`` ("train" with augmentation; "val", "test", "predict" without)."""
+        raise NotImplementedError
+
+    def _cached_eval_dataset(self) -> Dataset | None:
+        """An already built val/test/predict dataset, for DataModules whose evaluation splits coincide."""
+        for split in ("test", "val", "predict"):
+            if split in self._datasets:
+                return self._datasets[split]
+        return None
+
+    def dataset(self, split: Split) -> Dataset:
+        """The (cached) dataset of ``split``."""
+        if split not in self._datasets:
+            self._datasets[split] = self.build_dataset(split)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (and check) the datasets the stage needs, so missing files fail before training."""
+        splits: tuple[Split, ...] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }.get(stage or "", ("train", "val", "test", "predict"))
+        for split in splits:
+            self.dataset(split)
+
+    @property
+    def train_dataset(self) -> Dataset:
+        return self.dataset("train")
+
+    @property
+    def val_dataset(self) -> Dataset:
+        return self.dataset("val")
+
+    @property
+    def test_dataset(self) -> Dataset:
+        return self.dataset("test")
+
+    @property
+    def predict_dataset(self) -> Dataset:
+        return self.dataset("predict")
+
+    # -- distribution --------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        """(world_size, global_rank): the attached trainer's, else torch.distributed's, else (1, 0)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size), int(trainer.global_rank)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _check_distributed_sampler(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if connector is None or not getattr(connector, "use_distributed_sampler", False):
+            return
+        if trainer.world_size > 1 or getattr(connector, "is_distributed", False):
+            raise RuntimeError(
+                f"{type(self).__name__} shards its batches itself (mini-groups must not straddle "
+                "processes, and evaluation must count every sample exactly once), so Lightning must "
+                "not replace its samplers: set `trainer.use_distributed_sampler: false` in the config "
+                "(or Trainer(use_distributed_sampler=False))"
+            )
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def _train_labels(self, dataset: Dataset) -> Sequence[int] | int:
+        labels = getattr(dataset, "labels", None)
+        if self.group_by is not None:
+            if labels is None:
+                raise ValueError(f"group_by={self.group_by!r} needs class labels, which {type(dataset).__name__} lacks")
+            return labels
+        return len(dataset)  # type: ignore[arg-type]
+
+    def train_dataloader(self) -> DataLoader:
+        self._check_distributed_sampler()
+        dataset = self.dataset("train")
+        world_size, rank = self._world()
+        sampler = MiniGroupBatchSampler(
+            self._train_labels(dataset),
+            batch_size=self.batch_size,
+            mini_group=self.mini_group,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+            num_replicas=world_size,
+            rank=rank,
+            group_by=self.group_by,
+        )
+        return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+
+    def _eval_dataloader(self, split: Split) -> DataLoader:
+        self._check_distributed_sampler()
+        dataset = self.dataset(split)
+        world_size, rank = self._world()
+        sampler = EvalShardSampler(len(dataset), num_replicas=world_size, rank=rank)  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=False,
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("predict")

@@ -1,0 +1,177 @@
+"""CUB-200-2011 read from the folder as it ships (spec section 5)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+
+from .base import (
+    DatasetFormatError,
+    ImageRecord,
+    ImageRecordDataset,
+    PartDataModule,
+    Split,
+    check_files_exist,
+    require_file,
+    require_root,
+)
+
+__all__ = ["CUBDataModule", "read_cub"]
+
+CUB_NUM_KEYPOINTS = 15
+_EXPECTED = (
+    "the CUB_200_2011 folder as it ships (images.txt, train_test_split.txt, parts/part_locs.txt, "
+    "image_class_labels.txt, images/)"
+)
+
+
+def _read_table(path: str, columns: int, what: str) -> list[list[str]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < columns:
+                raise DatasetFormatError(
+                    f"{path} line {lineno}: expected {columns} fields ({what}), got {line.strip()!r}"
+                )
+            rows.append(parts)
+    return rows
+
+
+def _int(path: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DatasetFormatError(f"{path}: expected an integer, got {value!r}") from None
+
+
+def _resolve_root(root: str) -> str:
+    root = require_root(root, "CUB", _EXPECTED)
+    if not os.path.isfile(os.path.join(root, "images.txt")):
+        nested = os.path.join(root, "CUB_200_2011")
+        if os.path.isfile(os.path.join(nested, "images.txt")):
+            return nested
+        raise FileNotFoundError(f"CUB root {root} does not contain images.txt; expected {_EXPECTED}")
+    return root
+
+
+def read_cub(root: str, split: Literal["train", "test"]) -> list[ImageRecord]:
+    """Read one split of CUB-200-2011 in ``images.txt`` order.
+
+    Args:
+        root: The ``CUB_200_2011`` folder (or its parent).
+        split: ``"train"`` (is_train = 1, 5,994 images) or ``"test"`` (5,794 images).
+
+    Returns:
+        One record per image with its 0-based class label, the 15 part locations (x, y) in
+        original-image pixels and their visibility flags.
+    """
+    root = _resolve_root(root)
+    images_txt = os.path.join(root, "images.txt")
+    split_txt = require_file(os.path.join(root, "train_test_split.txt"), f"the train/test split file of {_EXPECTED}")
+    parts_txt = require_file(os.path.join(root, "parts", "part_locs.txt"), f"the part locations of {_EXPECTED}")
+    labels_txt = os.path.join(root, "image_class_labels.txt")
+
+    images = [(_int(images_txt, r[0]), r[1]) for r in _read_table(images_txt, 2, "image_id path")]
+    is_train = {_int(split_txt, r[0]): _int(split_txt, r[1]) for r in _read_table(split_txt, 2, "image_id is_train")}
+    labels: dict[int, int] = {}
+    if os.path.isfile(labels_txt):
+        labels = {
+            _int(labels_txt, r[0]): _int(labels_txt, r[1]) - 1
+            for r in _read_table(labels_txt, 2, "image_id class_id")
+        }
+
+    ids = {img_id for img_id, _ in images}
+    keypoints = {i: np.zeros((CUB_NUM_KEYPOINTS, 2), dtype=np.float64) for i in ids}
+    visible = {i: np.zeros(CUB_NUM_KEYPOINTS, dtype=bool) for i in ids}
+    for r in _read_table(parts_txt, 5, "image_id part_id x y visible"):
+        img_id, part_id = _int(parts_txt, r[0]), _int(parts_txt, r[1])
+        if img_id not in ids:
+            continue
+        if not 1 <= part_id <= CUB_NUM_KEYPOINTS:
+            raise DatasetFormatError(f"{parts_txt}: part id {part_id} outside 1..{CUB_NUM_KEYPOINTS}")
+        try:
+            keypoints[img_id][part_id - 1] = (float(r[2]), float(r[3]))
+        except ValueError:
+            raise DatasetFormatError(f"{parts_txt}: expected float coordinates, got {r[2]!r} {r[3]!r}") from None
+        visible[img_id][part_id - 1] = _int(parts_txt, r[4]) != 0
+
+    want = 1 if split == "train" else 0
+    records = []
+    for img_id, rel in images:
+        if img_id not in is_train:
+            raise DatasetFormatError(f"{split_txt} has no entry for image id {img_id} of {images_txt}")
+        if is_train[img_id] != want:
+            continue
+        records.append(
+            ImageRecord(
+                path=os.path.join(root, "images", rel),
+                label=labels.get(img_id, -1),
+                keypoints=keypoints[img_id],
+                visible=visible[img_id],
+            )
+        )
+    check_files_exist([r.path for r in records], images_txt, os.path.join(root, "images"))
+    return records
+
+
+class CUBDataModule(PartDataModule):
+    """CUB-200-2011 with its 15 part keypoints (keypoint evaluation mode, visible keypoints only).
+
+    Reads ``root`` as it ships: ``images.txt``, ``train_test_split.txt``,
+    ``parts/part_locs.txt``, ``image_class_labels.txt`` (optional, for ``label``) and
+    ``images/<class folder>/<file>.jpg``. Validation, test and predict all use the test split
+    (5,794 images, as in the paper); ``index`` is the position in that split in ``images.txt``
+    order. Evaluation items carry ``keypoints`` (15, 2) in pixels of the S×S resize and
+    ``visible`` (15,) from the visibility flags.
+
+    Args:
+        root: The ``CUB_200_2011`` folder (or the folder that contains it).
+        image_size: Side S of the square input (paper: 448).
+        batch_size: Training images per batch and per process; a multiple of ``mini_group``.
+        mini_group: Chunk size of the mini-group presence loss (paper: 8).
+        eval_batch_size: Images per batch for validation, test and predict.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the training order.
+        group_by: ``"class"`` to fill each training mini-group with one bird species, or None.
+        mask_size: Unused (CUB has no part masks); kept for a uniform interface.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 448,
+        batch_size: int = 64,
+        mini_group: int = 8,
+        eval_batch_size: int = 32,
+        num_workers: int = 2,
+        seed: int = 0,
+        group_by: Literal["class"] | None = None,
+        mask_size: int = 128,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            mini_group=mini_group,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            group_by=group_by,
+            image_size=image_size,
+            mask_size=mask_size,
+        )
+        self.save_hyperparameters()
+        self.root = root
+        self.has_keypoints = True
+        self.num_keypoints = CUB_NUM_KEYPOINTS
+
+    def build_dataset(self, split: Split) -> ImageRecordDataset:
+        if split == "train":
+            return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=True)
+        cached = self._cached_eval_dataset()
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        return ImageRecordDataset(read_cub(self.root, "test"), self.image_size, train=False)

@@ -1,0 +1,316 @@
+"""MPAEModule: training, evaluation and prediction of MPAE with Lightning."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from .metrics import KeypointPartMetrics, MaskPartMetrics
+from .models import DEFAULT_BACKBONE, MPAE, is_official_state_dict, load_official_state_dict
+from .models.weights import load_state_dict_file
+from .visualize import part_grid
+
+#: Scalars logged every training step (each unweighted, plus the weighted total).
+LOGGED_LOSSES = (
+    "total",
+    "restoration",
+    "restoration_l1",
+    "perceptual",
+    "distribution",
+    "total_variation",
+    "entropy",
+    "presence",
+    "presence_foreground",
+    "presence_background",
+    "semantic",
+)
+
+
+class MPAEModule(LightningModule):
+    """MPAE with its losses, Adam + MultiStepLR, NMI/ARI evaluation and part-map prediction.
+
+    Precision, devices, DDP, gradient clipping (the paper clips at 2.0) and
+    accumulation come from the Trainer. The frozen backbone and VGG stay in eval
+    mode. Image size and mini-group are normally linked from the DataModule by the
+    ``mpae`` CLI; in Python they are checked against the DataModule at ``setup``.
+
+    Args:
+        num_parts: K, foreground parts (the background is added as the last channel).
+        image_size: input side S; a multiple of the backbone's patch size.
+        feature_dim: C, width of features and descriptors.
+        backbone: timm name of the frozen ViT (default DINOv2 ViT-B/14 with registers).
+        backbone_weights: ``timm`` (download), a local file (timm or Meta DINOv2 ``.pth``) or ``random``.
+        backbone_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny random ViT for demos).
+        descriptor_width: width of the descriptor ViT.
+        descriptor_depth: blocks of the descriptor ViT.
+        descriptor_heads: heads of the descriptor ViT.
+        encoder_width: width of the masked patch encoder.
+        encoder_depth: blocks of the masked patch encoder (paper: 2).
+        encoder_heads: heads of the masked patch encoder.
+        decoder_depth: blocks of the decoder (paper: 2).
+        decoder_heads: heads of the decoder (default C // 64).
+        restore_patch: side of each restored patch (restored image = grid * restore_patch).
+        mask_ratio: fraction of patches hidden from the encoder.
+        mini_group: chunk size of the foreground presence loss (8 single-category, 64 multi-category).
+        arcface_s: ArcFace scale s.
+        arcface_m: ArcFace margin m.
+        presence_weight: lambda_p.
+        distribution_weight: lambda_d.
+        semantic_weight: lambda_s.
+        vgg_weights: ``torchvision`` (download), a local VGG-19 ``.pth`` or ``random``.
+        eval_map_size: side of the evaluation map (128 in the paper).
+        lr: Adam learning rate (authors' code 5e-4; the supplement says 5e-3).
+        weight_decay: Adam weight decay (paper: none).
+        milestones: MultiStepLR epochs.
+        gamma: MultiStepLR factor.
+        weights: initial weights: an authors' ``.pth`` (e.g. ``CUB_K16.pth``) or one of our
+            Lightning ``.ckpt`` files; detected from the keys.
+        num_visualize: images shown in the TensorBoard grid every validation epoch.
+    """
+
+    def __init__(
+        self,
+        num_parts: int = 16,
+        image_size: int = 224,
+        feature_dim: int = 256,
+        backbone: str = DEFAULT_BACKBONE,
+        backbone_weights: str | None = "timm",
+        backbone_kwargs: dict[str, Any] | None = None,
+        descriptor_width: int = 256,
+        descriptor_depth: int = 6,
+        descriptor_heads: int = 8,
+        encoder_width: int = 256,
+        encoder_depth: int = 2,
+        encoder_heads: int = 4,
+        decoder_depth: int = 2,
+        decoder_heads: int | None = None,
+        restore_patch: int = 8,
+        mask_ratio: float = 0.9,
+        mini_group: int = 8,
+        arcface_s: float = 20.0,
+        arcface_m: float = 0.5,
+        presence_weight: float = 1.0,
+        distribution_weight: float = 0.5,
+        semantic_weight: float = 0.25,
+        vgg_weights: str | None = "torchvision",
+        eval_map_size: int = 128,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        milestones: list[int] | None = None,
+        gamma: float = 0.2,
+        weights: str | None = None,
+        num_visualize: int = 8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        state, backbone_included = self._read_initial_weights(weights)
+        if backbone_included:  # the file supplies the backbone: do not download it
+            backbone_weights = "random"
+        if state is not None and any(k.startswith("model.restoration_loss.") for k in state):
+            vgg_weights = "random"
+        self.model = MPAE(
+            num_parts=num_parts,
+            image_size=image_size,
+            feature_dim=feature_dim,
+            backbone=backbone,
+            backbone_weights=backbone_weights,
+            backbone_kwargs=backbone_kwargs,
+            descriptor_width=descriptor_width,
+            descriptor_depth=descriptor_depth,
+            descriptor_heads=descriptor_heads,
+            encoder_width=encoder_width,
+            encoder_depth=encoder_depth,
+            encoder_heads=encoder_heads,
+            decoder_depth=decoder_depth,
+            decoder_heads=decoder_heads,
+            restore_patch=restore_patch,
+            mask_ratio=mask_ratio,
+            mini_group=mini_group,
+            arcface_s=arcface_s,
+            arcface_m=arcface_m,
+            presence_weight=presence_weight,
+            distribution_weight=distribution_weight,
+            semantic_weight=semantic_weight,
+            vgg_weights=vgg_weights,
+            eval_map_size=eval_map_size,
+        )
+        if state is not None:
+            self._load_initial_weights(state, weights)
+        self.metrics = nn.ModuleDict()
+        self._vis_batch: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- weights
+    @staticmethod
+    def _read_initial_weights(weights: str | None) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        if not weights:
+            return None, False
+        state = load_state_dict_file(weights, "weights")
+        if is_official_state_dict(state):
+            return state, any(k.removeprefix("module.").startswith("backbone1.") for k in state)
+        if any(k.startswith("model.") for k in state):
+            return state, any(k.startswith("model.backbone.") for k in state)
+        raise ValueError(
+            f"weights={weights}: neither an official MPAE checkpoint (compress_layer./Transformer./Decoder. keys) "
+            f"nor an mpae-lightning checkpoint (model.* keys); found e.g. {list(state)[:5]}"
+        )
+
+    def _load_initial_weights(self, state: dict[str, torch.Tensor], source: str | None) -> None:
+        if is_official_state_dict(state):
+            load_official_state_dict(self.model, state)
+            return
+        own = self.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        missing = [k for k in own if k not in state and not k.startswith(("model.backbone.", "model.restoration_loss."))]
+        if mismatched or missing:
+            raise ValueError(
+                f"weights={source} does not fit this configuration: shape mismatches {mismatched[:5]}, "
+                f"missing {missing[:5]} (check num_parts, image_size and the widths)"
+            )
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "MPAEModule":  # type: ignore[override]
+        """As Lightning's, but never downloads: the checkpoint holds the backbone and VGG weights."""
+        kwargs.setdefault("backbone_weights", "random")
+        kwargs.setdefault("vgg_weights", "random")
+        kwargs.setdefault("weights", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        for name in ("image_size", "mini_group"):
+            value = getattr(datamodule, name, None)
+            own = self.hparams[name]
+            if value is not None and value != own:
+                raise ValueError(
+                    f"model.{name}={own} but data.{name}={value}; they must agree "
+                    "(the mpae CLI links them from the data section)"
+                )
+        self.build_metrics(
+            num_keypoints=datamodule.num_keypoints if getattr(datamodule, "has_keypoints", False) else 0,
+            num_mask_labels=datamodule.num_mask_labels if getattr(datamodule, "has_masks", False) else 0,
+        )
+
+    def build_metrics(self, num_keypoints: int = 0, num_mask_labels: int = 0) -> None:
+        """Create the val/test metrics for the data's annotations (called from ``setup``)."""
+        k1 = self.model.num_parts + 1
+        for split in ("val", "test"):
+            if num_keypoints and f"{split}_keypoint" not in self.metrics:
+                self.metrics[f"{split}_keypoint"] = KeypointPartMetrics(num_keypoints, k1)
+            if num_mask_labels and f"{split}_mask" not in self.metrics:
+                self.metrics[f"{split}_mask"] = MaskPartMetrics(num_mask_labels, k1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(
+            self.model.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        milestones = self.hparams.milestones or []
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=self.hparams.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ---------------------------------------------------------------- training
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, K+1, m, m) part probabilities at evaluation resolution."""
+        return self.model.predict_parts(images)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.model.compute_losses(batch["image"])
+        self._log_losses("train", out.losses, batch["image"].shape[0], on_step=True)
+        return out.total
+
+    def _log_losses(self, stage: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
+        values = {f"{stage}/{k}": losses[k].detach().float() for k in LOGGED_LOSSES}
+        self.log_dict(
+            values, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step,
+            prog_bar=False,
+        )
+        self.log(f"{stage}/loss", values[f"{stage}/total"], on_step=on_step, on_epoch=not on_step,
+                 batch_size=batch_size, sync_dist=not on_step, prog_bar=True)
+
+    # -------------------------------------------------------------- evaluation
+    def _evaluation_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        images = batch["image"]
+        probs = self.model.predict_parts(images)
+        if f"{stage}_keypoint" in self.metrics and "keypoints" in batch:
+            self.metrics[f"{stage}_keypoint"].update(probs, batch["keypoints"], batch["visible"], self.model.image_size)
+        if f"{stage}_mask" in self.metrics and "mask" in batch:
+            self.metrics[f"{stage}_mask"].update(probs, batch["mask"])
+        return probs
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+        # Losses with masking noise fixed by the sample index, so validation curves are comparable.
+        noise = self._fixed_noise(batch["index"])
+        out = self.model.compute_losses(batch["image"], noise=noise)
+        self._log_losses("val", out.losses, batch["image"].shape[0], on_step=False)
+        if batch_idx == 0 and self._vis_batch is None and self.hparams.num_visualize > 0:
+            n = self.hparams.num_visualize
+            self._vis_batch = {k: v[:n].detach() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def _fixed_noise(self, index: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in index.tolist():
+            gen = torch.Generator().manual_seed(int(i))
+            rows.append(torch.rand(self.model.num_patches, generator=gen))
+        return torch.stack(rows).to(self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+        if self._vis_batch is not None:
+            self._log_visualization(self._vis_batch)
+            self._vis_batch = None
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, stage: str) -> dict[str, float]:
+        """Compute (this syncs the contingency tables across processes), log and reset."""
+        results: dict[str, float] = {}
+        keypoint = self.metrics[f"{stage}_keypoint"] if f"{stage}_keypoint" in self.metrics else None
+        mask = self.metrics[f"{stage}_mask"] if f"{stage}_mask" in self.metrics else None
+        if keypoint is not None:
+            results.update({k: float(v) for k, v in keypoint.compute().items()})
+            keypoint.reset()
+        if mask is not None:
+            scores = {k: float(v) for k, v in mask.compute().items()}
+            mask.reset()
+            parts = scores.pop("parts_per_image")
+            prefix = "mask_" if keypoint is not None else ""  # keypoint scores keep the plain names
+            results.update({f"{prefix}{k}": v for k, v in scores.items()})
+            results.setdefault("parts_per_image", parts)
+        for name, value in results.items():
+            # Identical on every rank already, so no further reduction.
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("nmi", "ari"), sync_dist=False)
+        return results
+
+    @torch.no_grad()
+    def _log_visualization(self, batch: dict[str, torch.Tensor]) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image") or self.global_rank != 0:
+            return
+        images = batch["image"]
+        probs = self.model.predict_parts(images)
+        restored = self.model.compute_losses(images, noise=self._fixed_noise(batch["index"])).restored
+        grid = part_grid(images, probs, restored=restored, ground_truth=batch.get("mask"),
+                         num_gt_labels=getattr(self.trainer.datamodule, "num_mask_labels", None) or None)
+        experiment.add_image("val/parts", grid, self.global_step, dataformats="HWC")
+
+    # -------------------------------------------------------------- prediction
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        probs = self.model.predict_parts(batch["image"])
+        return {
+            "labels": probs.argmax(dim=1).to(torch.uint8 if probs.shape[1] <= 256 else torch.int32).cpu(),
+            "images": batch["image"].cpu(),
+            "index": batch["index"].cpu(),
+            "path": batch.get("path"),
+            "num_parts": probs.shape[1],
+        }

@@ -1,0 +1,330 @@
+"""The evaluation protocol of MPAE (spec section 6) on top of the contingency metrics.
+
+* Keypoint mode (CUB, CelebA): the part map is read at each keypoint by nearest
+  sampling; the predicted label is the argmax over all K+1 channels ("NMI/ARI")
+  and over the K foreground channels ("FG-NMI/FG-ARI"); the true label is the
+  keypoint index.
+* Mask mode (PartImageNet): every pixel, argmax over K+1 against the mask label.
+
+Part maps are ``(B, K+1, H, W)`` with the background channel LAST. The metric
+wrappers keep only contingency tables and counts (summed across processes), so
+their results are exact under DDP provided every test sample is seen by exactly
+one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+
+from mpae_lightning.metrics.clustering import _check_num_labels
+from mpae_lightning.metrics.functional import (
+    ari_from_contingency,
+    contingency_table,
+    nmi_from_contingency,
+)
+
+__all__ = [
+    "KeypointPartMetrics",
+    "MaskPartMetrics",
+    "PartCount",
+    "count_foreground_parts",
+    "keypoint_part_labels",
+    "mask_part_labels",
+]
+
+
+def _check_part_probs(part_probs: Tensor, min_channels: int = 2) -> None:
+    if part_probs.ndim != 4 or part_probs.shape[1] < min_channels:
+        raise ValueError(
+            f"`part_probs` must have shape (B, K+1, H, W) with K >= {min_channels - 1}, "
+            f"got {tuple(part_probs.shape)}"
+        )
+
+
+def keypoint_part_labels(
+    part_probs: Tensor,
+    keypoints: Tensor,
+    visible: Tensor | None,
+    image_size: int | tuple[int, int],
+) -> dict[str, Tensor]:
+    """Predicted part labels at the keypoints, as the authors' ``validate_CUB``.
+
+    Each keypoint ``(x, y)`` is normalised by the input image size to [-1, 1]
+    and the map is read with ``grid_sample(mode="nearest", align_corners=False)``.
+    Unlike the authors (zero padding) a keypoint exactly on the right or bottom
+    image border reads the border pixel instead of an all-zero vector.
+
+    Args:
+        part_probs: ``(B, K+1, H, W)`` part probabilities (or logits), background last.
+        keypoints: ``(B, P, 2)`` keypoint ``(x, y)`` in pixels of the input image.
+        visible: ``(B, P)`` bool, keypoints to keep; ``None`` keeps all.
+        image_size: input image size ``S`` or ``(height, width)``.
+
+    Returns:
+        dict of 1-D int64 tensors over the kept keypoints, in (image, keypoint) order:
+        ``pred`` (argmax over all K+1 channels), ``fg_pred`` (argmax over the K
+        foreground channels) and ``target`` (keypoint index ``0..P-1``).
+    """
+    _check_part_probs(part_probs)
+    batch, num_points = keypoints.shape[:2]
+    if keypoints.shape != (part_probs.shape[0], num_points, 2):
+        raise ValueError(
+            f"`keypoints` must have shape (B, P, 2) with B={part_probs.shape[0]}, got {tuple(keypoints.shape)}"
+        )
+    if visible is not None and visible.shape != (batch, num_points):
+        raise ValueError(f"`visible` must have shape {(batch, num_points)}, got {tuple(visible.shape)}")
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+
+    maps = part_probs if part_probs.dtype in (torch.float32, torch.float64) else part_probs.float()
+    points = keypoints.to(device=maps.device, dtype=torch.float64)
+    # Missing keypoints are sometimes stored as NaN; read anything there, it is masked out.
+    points = torch.nan_to_num(points, nan=0.0, posinf=0.0, neginf=0.0)
+    size = torch.tensor([width, height], dtype=torch.float64, device=points.device)
+    grid = ((points / size) * 2 - 1).to(maps.dtype).unsqueeze(2)  # (B, P, 1, 2)
+    sampled = F.grid_sample(maps, grid, mode="nearest", padding_mode="border", align_corners=False)
+    sampled = sampled.squeeze(3)  # (B, K+1, P)
+    pred = sampled.argmax(dim=1)
+    fg_pred = sampled[:, :-1].argmax(dim=1)
+    target = torch.arange(num_points, device=pred.device).expand(batch, num_points)
+    if visible is None:
+        return {"pred": pred.reshape(-1), "fg_pred": fg_pred.reshape(-1), "target": target.reshape(-1)}
+    keep = visible.to(device=pred.device, dtype=torch.bool)
+    return {"pred": pred[keep], "fg_pred": fg_pred[keep], "target": target[keep]}
+
+
+def _resize_nearest(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest resize of ``(B, h, w)`` integer labels (exact below 2**24)."""
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].to(labels.dtype)
+
+
+def mask_part_labels(
+    part_probs: Tensor,
+    mask: Tensor,
+    resolution: Literal["map", "mask"] = "map",
+) -> dict[str, Tensor]:
+    """Predicted part label and mask label of every pixel.
+
+    Args:
+        part_probs: ``(B, K+1, H, W)`` part probabilities (or logits), background last.
+        mask: ``(B, h, w)`` or ``(B, 1, h, w)`` integer ground-truth labels.
+        resolution: where the two are compared when their sizes differ. ``"map"``
+            resizes the mask to the part map with nearest (the authors' protocol:
+            ``H*W`` labels per image); ``"mask"`` resizes the argmax map to the mask.
+
+    Returns:
+        dict with flattened int64 ``pred`` (argmax over all K+1 channels) and ``target``.
+    """
+    _check_part_probs(part_probs)
+    if mask.ndim == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.ndim != 3 or mask.shape[0] != part_probs.shape[0]:
+        raise ValueError(
+            f"`mask` must have shape (B, h, w) with B={part_probs.shape[0]}, got {tuple(mask.shape)}"
+        )
+    if resolution not in ("map", "mask"):
+        raise ValueError(f"`resolution` must be 'map' or 'mask', got {resolution!r}")
+    pred = part_probs.argmax(dim=1)
+    if pred.shape[-2:] != mask.shape[-2:]:
+        if resolution == "map":
+            mask = _resize_nearest(mask, tuple(pred.shape[-2:]))
+        else:
+            pred = _resize_nearest(pred, tuple(mask.shape[-2:]))
+    return {"pred": pred.reshape(-1), "target": mask.reshape(-1).long()}
+
+
+def count_foreground_parts(part_probs: Tensor) -> Tensor:
+    """Number of foreground channels (all but the last) that win at least one pixel.
+
+    Args:
+        part_probs: ``(B, K+1, H, W)`` part probabilities (or logits), background last.
+
+    Returns:
+        ``(B,)`` int64 tensor.
+    """
+    _check_part_probs(part_probs, min_channels=1)
+    batch, channels = part_probs.shape[:2]
+    labels = part_probs.argmax(dim=1).reshape(batch, -1)
+    offsets = torch.arange(batch, device=labels.device)[:, None] * channels
+    hits = torch.bincount((labels + offsets).reshape(-1), minlength=batch * channels)
+    return (hits.reshape(batch, channels)[:, :-1] > 0).sum(dim=1)
+
+
+class PartCount(Metric):
+    """Average number of discovered foreground parts per image (supplement Table 8).
+
+    A foreground part (one of the first K of the K+1 channels) counts as
+    discovered in an image when it is the argmax of at least one pixel.
+    ``compute()`` returns a 0-d float64 tensor (NaN before any update).
+
+    Args:
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    part_total: Tensor
+    image_total: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("part_total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("image_total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, part_probs: Tensor) -> None:
+        """Args: part_probs: ``(B, K+1, H, W)``, background last."""
+        counts = count_foreground_parts(part_probs)
+        self.part_total += counts.sum()
+        self.image_total += counts.numel()
+
+    def compute(self) -> Tensor:
+        return self.part_total.double() / self.image_total.double()
+
+
+class _PartEvaluation(Metric):
+    """Shared parts of the keypoint / mask evaluations: tables, part count, percent scores."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    part_total: Tensor
+    image_total: Tensor
+
+    def __init__(self, num_true_labels: int, num_parts: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _check_num_labels(num_true_labels=num_true_labels)
+        if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 2:
+            raise ValueError(f"`num_parts` (K+1, background included) must be an integer >= 2, got {num_parts!r}")
+        self.num_true_labels = num_true_labels
+        self.num_parts = num_parts
+        self.add_state(
+            "contingency",
+            default=torch.zeros(num_true_labels, num_parts, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
+        self.add_state("part_total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("image_total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _check_channels(self, part_probs: Tensor) -> None:
+        _check_part_probs(part_probs)
+        if part_probs.shape[1] != self.num_parts:
+            raise ValueError(f"expected {self.num_parts} part channels (K+1), got {part_probs.shape[1]}")
+
+    def _count_parts(self, part_probs: Tensor) -> None:
+        counts = count_foreground_parts(part_probs)
+        self.part_total += counts.sum()
+        self.image_total += counts.numel()
+
+    def _parts_per_image(self) -> Tensor:
+        return self.part_total.double() / self.image_total.double()
+
+
+class KeypointPartMetrics(_PartEvaluation):
+    """Keypoint-mode NMI/ARI of spec section 6, in percent.
+
+    ``compute()`` returns a dict of 0-d float64 tensors: ``nmi``, ``ari`` (argmax
+    over all K+1 channels), ``fg_nmi``, ``fg_ari`` (argmax over the K foreground
+    channels), all x100, and ``parts_per_image`` (see :class:`PartCount`). The
+    state is one contingency table per prediction kind, so one metric object
+    replaces four ``PartNMI``/``PartARI`` objects with duplicated tables.
+
+    Args:
+        num_keypoints: number of annotated keypoints per image (CUB 15, CelebA 5).
+        num_parts: number of part channels K+1, background included (last).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    contingency: Tensor
+    fg_contingency: Tensor
+
+    def __init__(self, num_keypoints: int, num_parts: int, **kwargs: Any) -> None:
+        super().__init__(num_keypoints, num_parts, **kwargs)
+        self.num_keypoints = num_keypoints
+        self.add_state(
+            "fg_contingency",
+            default=torch.zeros(num_keypoints, num_parts - 1, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
+
+    def update(
+        self,
+        part_probs: Tensor,
+        keypoints: Tensor,
+        visible: Tensor | None,
+        image_size: int | tuple[int, int],
+    ) -> None:
+        """Accumulate one batch; arguments as :func:`keypoint_part_labels` (``visible=None``: all)."""
+        self._check_channels(part_probs)
+        if keypoints.shape[1] != self.num_keypoints:
+            raise ValueError(f"expected {self.num_keypoints} keypoints, got {keypoints.shape[1]}")
+        labels = keypoint_part_labels(part_probs, keypoints, visible, image_size)
+        self.contingency += contingency_table(labels["pred"], labels["target"], self.num_keypoints, self.num_parts)
+        self.fg_contingency += contingency_table(
+            labels["fg_pred"], labels["target"], self.num_keypoints, self.num_parts - 1
+        )
+        self._count_parts(part_probs)
+
+    def compute(self) -> dict[str, Tensor]:
+        return {
+            "nmi": 100 * nmi_from_contingency(self.contingency),
+            "ari": 100 * ari_from_contingency(self.contingency),
+            "fg_nmi": 100 * nmi_from_contingency(self.fg_contingency),
+            "fg_ari": 100 * ari_from_contingency(self.fg_contingency),
+            "parts_per_image": self._parts_per_image(),
+        }
+
+
+class MaskPartMetrics(_PartEvaluation):
+    """Mask-mode NMI/ARI of spec section 6 (every pixel), in percent.
+
+    ``compute()`` returns a dict of 0-d float64 tensors: ``nmi``, ``ari`` (x100)
+    and ``parts_per_image`` (see :class:`PartCount`).
+
+    Args:
+        num_mask_labels: number of ground-truth mask labels (background included).
+        num_parts: number of part channels K+1, background included (last).
+        ignore_index: mask value to leave out of the scores (e.g. 255), if any.
+        resolution: ``"map"`` compares at the part-map size (mask resized with
+            nearest, the authors' protocol); ``"mask"`` at the mask size.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    contingency: Tensor
+
+    def __init__(
+        self,
+        num_mask_labels: int,
+        num_parts: int,
+        ignore_index: int | None = None,
+        resolution: Literal["map", "mask"] = "map",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_mask_labels, num_parts, **kwargs)
+        if resolution not in ("map", "mask"):
+            raise ValueError(f"`resolution` must be 'map' or 'mask', got {resolution!r}")
+        self.num_mask_labels = num_mask_labels
+        self.ignore_index = ignore_index
+        self.resolution = resolution
+
+    def update(self, part_probs: Tensor, mask: Tensor) -> None:
+        """Accumulate one batch; arguments as :func:`mask_part_labels`."""
+        self._check_channels(part_probs)
+        labels = mask_part_labels(part_probs, mask, self.resolution)
+        self.contingency += contingency_table(
+            labels["pred"], labels["target"], self.num_mask_labels, self.num_parts, self.ignore_index
+        )
+        self._count_parts(part_probs)
+
+    def compute(self) -> dict[str, Tensor]:
+        return {
+            "nmi": 100 * nmi_from_contingency(self.contingency),
+            "ari": 100 * ari_from_contingency(self.contingency),
+            "parts_per_image": self._parts_per_image(),
+        }

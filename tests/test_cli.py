@@ -1,0 +1,120 @@
+"""The `mpae` command end to end on tiny synthetic data: fit, test, predict, official weights."""
+from __future__ import annotations
+
+import glob
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mpae_lightning.cli import MPAECLI, main
+from reference_utils import reference_files
+
+
+def _last_ckpt(root: Path) -> str:
+    found = glob.glob(str(root / "**" / "last.ckpt"), recursive=True)
+    assert found, f"no last.ckpt under {root}"
+    return found[0]
+
+
+def test_fit_test_predict_from_checkpoint(tmp_path, tiny_demo_args, capsys):
+    main(["fit", *tiny_demo_args])
+    ckpt = _last_ckpt(tmp_path)
+    events = glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True)
+    assert events, "TensorBoard log missing"
+
+    cli = MPAECLI(args=["test", *tiny_demo_args, f"--ckpt_path={ckpt}"])
+    logged = cli.trainer.callback_metrics
+    for key in ("test/nmi", "test/ari", "test/fg_nmi", "test/fg_ari", "test/mask_nmi", "test/mask_ari"):
+        assert key in logged, key
+        assert 0.0 <= float(logged[key]) <= 100.0
+    # test with --ckpt_path must not try to download (weights were set to random, then restored)
+    assert cli.model.hparams.backbone_weights == "random"
+
+    out = tmp_path / "pred"
+    main(["predict", *tiny_demo_args, f"--ckpt_path={ckpt}", f"--prediction_writer.output_dir={out}"])
+    pngs = sorted(out.glob("*_parts.png"))
+    npys = sorted(out.glob("*_parts.npy"))
+    overlays = sorted(out.glob("*_overlay.png"))
+    assert len(pngs) == len(npys) == len(overlays) == 16  # every test image once
+    labels = np.asarray(Image.open(pngs[0]))
+    assert labels.shape == (128, 128)
+    assert labels.max() <= 4 and labels.min() >= 0  # K=4 foreground + background id 4
+    assert np.array_equal(labels, np.load(npys[0]))
+    assert Image.open(overlays[0]).size == (64, 64)
+
+
+def test_linked_arguments_come_from_data(tiny_demo_args):
+    cli = MPAECLI(args=[*tiny_demo_args, "--data.init_args.mini_group=4"], run=False)
+    assert cli.model.hparams.image_size == 64
+    assert cli.model.hparams.mini_group == 4
+    assert cli.model.model.mini_group == 4
+
+
+def test_batch_not_divisible_by_mini_group_is_rejected(tiny_demo_args):
+    with pytest.raises(ValueError, match="mini_group"):
+        MPAECLI(args=[*tiny_demo_args, "--data.init_args.batch_size=12"], run=False)
+
+
+def _official_state_dict(fixture: dict, dim: int) -> dict:
+    """An authors'-format checkpoint built from the reference fixture's keys (+ module. prefix)."""
+    state = dict(fixture["state_dict"])
+    state["compress_layer.weight"] = torch.randn(state["compress_layer.weight"].shape[0], dim, 1, 1) * 0.02
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+def test_test_with_authors_weights(tmp_path):
+    fixture = torch.load(reference_files("mpae_reference_*.pt")[0], weights_only=True)
+    cfg = fixture["config"]
+    patch = int(fixture["state_dict"]["Transformer.conv1.weight"].shape[-1])
+    dim = 32
+    weights = tmp_path / "Official_K.pth"
+    torch.save(_official_state_dict(fixture, dim), weights)
+    r, d = cfg["restorer"], cfg["descriptor"]
+    args = [
+        "test",
+        "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
+        "--data.init_args.num_train=8", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
+        f"--data.init_args.image_size={cfg['image_size']}",
+        f"--data.init_args.batch_size={cfg['mini_group']}", f"--data.init_args.mini_group={cfg['mini_group']}",
+        f"--model.init_args.num_parts={cfg['num_parts'] - 1}",
+        f"--model.init_args.feature_dim={cfg['feature_dim']}",
+        "--model.init_args.backbone=vit_small_patch14_reg4_dinov2",
+        f"--model.init_args.backbone_kwargs={{embed_dim: {dim}, depth: 1, num_heads: 2, patch_size: {patch}}}",
+        f"--model.init_args.descriptor_width={d['width']}", f"--model.init_args.descriptor_depth={d['depth']}",
+        f"--model.init_args.descriptor_heads={d['heads']}",
+        f"--model.init_args.encoder_width={r['encoder_width']}", f"--model.init_args.encoder_depth={r['encoder_depth']}",
+        f"--model.init_args.encoder_heads={r['encoder_heads']}", f"--model.init_args.decoder_depth={r['decoder_depth']}",
+        f"--model.init_args.decoder_heads={r['decoder_heads']}", f"--model.init_args.restore_patch={r['restore_patch']}",
+        f"--model.init_args.weights={weights}",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cli = MPAECLI(args=args)
+    model = cli.model.model
+    assert torch.equal(model.descriptor_vit.part_queries, fixture["state_dict"]["Transformer.class_embedding"])
+    assert torch.equal(model.restorer.decoder_pred.weight, fixture["state_dict"]["Decoder.decoder_pred.weight"])
+    assert "test/nmi" in cli.trainer.callback_metrics
+
+
+def test_offline_download_prints_one_clear_error(tmp_path):
+    """Asking for pretrained weights with no network: one line naming the local-file option, exit 2."""
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise OSError('network disabled for this test')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "from mpae_lightning.cli import main\n"
+        "main(['fit', '--config', 'configs/demo.yaml', '--model.init_args.backbone_weights=timm',"
+        " '--trainer.max_epochs=1'])\n"
+    )
+    env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "backbone_weights" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,134 @@
+"""CelebADataModule on a tiny fake unaligned CelebA folder with split lists in the real syntax."""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from mpae_lightning.data import CelebADataModule, DatasetFormatError
+from mpae_lightning.data.celeba import default_celeba_list
+
+# name, (width, height), five (x, y) landmarks in original pixels
+_TRAIN = [
+    ("000007.jpg", (60, 80), [(20, 30), (40, 30), (30, 45), (22, 60), (38, 60)]),
+    ("000013.jpg", (50, 50), [(10, 12), (35, 13), (25, 30), (15, 40), (33, 41)]),
+    ("000016.jpg", (40, 60), [(12, 20), (28, 21), (20, 30), (14, 45), (27, 44)]),
+    ("000020.jpg", (64, 64), [(20, 20), (44, 20), (32, 32), (24, 48), (40, 48)]),
+]
+_TEST = [
+    ("118950.jpg", (100, 50), [(25.0, 10.0), (75.0, 10.0), (50.0, 25.0), (30.0, 40.0), (70.0, 40.0)]),
+    ("061733.jpg", (32, 32), [(8, 8), (24, 8), (16, 16), (10, 24), (22, 24)]),
+]
+
+
+def _write_list(path, entries):
+    path.write_text(
+        "".join(name + "," + ",".join(f"{v:.1f}" for xy in lm for v in xy) + "\n" for name, _, lm in entries)
+    )
+
+
+def make_fake_celeba(root):
+    (root / "img_celeba").mkdir(parents=True)
+    for name, (w, h), _ in _TRAIN + _TEST:
+        Image.new("RGB", (w, h), (120, 80, 60)).save(root / "img_celeba" / name, "JPEG")
+    _write_list(root / "train_lm.txt", _TRAIN)
+    _write_list(root / "test_lm.txt", _TEST)
+    return root
+
+
+@pytest.fixture
+def data_celeba_root(tmp_path):
+    return make_fake_celeba(tmp_path / "celeba")
+
+
+def _dm(root, **kw):
+    kw.setdefault("train_list", str(root / "train_lm.txt"))
+    kw.setdefault("test_list", str(root / "test_lm.txt"))
+    return CelebADataModule(root=str(root), image_size=28, batch_size=4, mini_group=2, num_workers=0, **kw)
+
+
+def test_counts_keypoints_visibility(data_celeba_root):
+    dm = _dm(data_celeba_root)
+    dm.setup()
+    assert len(dm.train_dataset) == 4 and len(dm.test_dataset) == 2
+    assert dm.val_dataset is dm.test_dataset
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape == (2, 3, 28, 28)
+    assert batch["index"].tolist() == [0, 1]
+    assert batch["label"].tolist() == [-1, -1]
+    assert [os.path.basename(p) for p in batch["path"]] == ["118950.jpg", "061733.jpg"]
+    assert batch["keypoints"].shape == (2, 5, 2)
+    assert batch["visible"].all()
+    # by hand: 100x50 image, (25, 10) -> (25 * 28 / 100, 10 * 28 / 50) = (7.0, 5.6)
+    assert torch.allclose(batch["keypoints"][0, 0], torch.tensor([7.0, 5.6]), atol=1e-5)
+    assert torch.allclose(batch["keypoints"][0, 2], torch.tensor([14.0, 14.0]), atol=1e-5)
+    assert torch.allclose(batch["keypoints"][1], torch.tensor(_TEST[1][2], dtype=torch.float32) * 28 / 32, atol=1e-5)
+
+
+def test_train_loader(data_celeba_root):
+    dm = _dm(data_celeba_root)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 28, 28)
+    assert sorted(batch["index"].tolist()) == [0, 1, 2, 3]
+
+
+def test_shipped_lists_are_the_paper_split():
+    train, test = default_celeba_list("train"), default_celeba_list("test")
+    with open(train) as fh:
+        lines = fh.read().splitlines()
+    assert len(lines) == 45609
+    assert lines[0].startswith("000007.jpg,") and len(lines[0].split(",")) == 11
+    with open(test) as fh:
+        assert len(fh.read().splitlines()) == 283
+
+
+def test_shipped_list_used_by_default_and_missing_images_reported(data_celeba_root):
+    dm = CelebADataModule(root=str(data_celeba_root), image_size=28, num_workers=0)
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("test")
+    msg = str(err.value)
+    assert "of 283 images listed in" in msg and "MAFL_test_lm.txt" in msg
+    assert str(data_celeba_root / "img_celeba") in msg and "... and" in msg
+
+
+def test_missing_root(tmp_path):
+    root = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=rf"CelebA root {root} .*img_celeba"):
+        _dm(root).setup("fit")
+
+
+def test_missing_img_celeba(tmp_path):
+    root = tmp_path / "celeba"
+    root.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"CelebA root {root} does not contain img_celeba/"):
+        _dm(root, train_list=None, test_list=None).setup("test")
+
+
+def test_missing_list_file(data_celeba_root):
+    lst = data_celeba_root / "absent.txt"
+    with pytest.raises(FileNotFoundError, match=rf"{lst} does not exist; expected a CelebA landmark list"):
+        _dm(data_celeba_root, test_list=str(lst)).setup("test")
+
+
+def test_missing_image(data_celeba_root):
+    os.remove(data_celeba_root / "img_celeba" / "061733.jpg")
+    with pytest.raises(FileNotFoundError, match=r"(?s)1 of 2 images listed in .*test_lm.txt.*061733.jpg"):
+        _dm(data_celeba_root).setup("test")
+
+
+def test_malformed_line(data_celeba_root):
+    with open(data_celeba_root / "test_lm.txt", "a") as fh:
+        fh.write("000001.jpg,1.0,2.0\n")
+    with pytest.raises(DatasetFormatError, match=r"test_lm.txt line 3: expected 'name,x1,y1,...,x5,y5'"):
+        _dm(data_celeba_root).setup("test")
+
+
+def test_rgba_and_palette_images(data_celeba_root):
+    Image.new("RGBA", (100, 50), (1, 2, 3, 0)).save(data_celeba_root / "img_celeba" / "118950.jpg", "PNG")
+    Image.new("P", (32, 32)).save(data_celeba_root / "img_celeba" / "061733.jpg", "GIF")
+    dm = _dm(data_celeba_root)
+    dm.setup("test")
+    assert dm.test_dataset[0]["image"].shape == (3, 28, 28)
+    assert dm.test_dataset[1]["image"].shape == (3, 28, 28)
