@@ -113,7 +113,7 @@ def test_offline_download_prints_one_clear_error(tmp_path):
         " '--trainer.max_epochs=1'])\n"
     )
     env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -48,9 +48,9 @@ def evaluate_kmeans(module: MPAEModule, datamodule: Any, max_fit_images: int = 2
     model = module.model
     datamodule.setup("fit")
     datamodule.setup("test")
-    kmeans = KMeansParts(model.backbone, model.num_parts + 1, model.grid_size).fit(
-        datamodule.val_dataloader() if max_fit_images <= 0 else _train_eval_batches(datamodule), max_fit_images
-    )
+    # Fitted on training images, like MPAE; scored on the test split.
+    kmeans = KMeansParts(model.backbone, model.num_parts + 1, model.grid_size)
+    kmeans.fit(datamodule.train_dataloader(), max_fit_images)
     k1 = model.num_parts + 1
     keypoint = KeypointPartMetrics(datamodule.num_keypoints, k1)
     mask = MaskPartMetrics(datamodule.num_mask_labels, k1)
@@ -65,11 +65,6 @@ def evaluate_kmeans(module: MPAEModule, datamodule: Any, max_fit_images: int = 2
         "mask": {k: round(float(mk[k]), 2) for k in ("nmi", "ari")},
         "parts_per_image": round(float(kp["parts_per_image"]), 2),
     }
-
-
-def _train_eval_batches(datamodule: Any):
-    """Training images without augmentation, for fitting k-means."""
-    return datamodule.fit_eval_dataloader() if hasattr(datamodule, "fit_eval_dataloader") else datamodule.train_dataloader()
 
 
 @torch.no_grad()
@@ -95,15 +90,27 @@ def run_demo(config: str, out: str, overrides: list[str] | None = None) -> dict[
     cli = MPAECLI(args=args, run=False)
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
 
+    timings: dict[str, float] = {}
+
+    def phase(name: str, since: float) -> float:
+        now = time.time()
+        timings[name] = round(now - since, 1)
+        return now
+
     print("[demo] evaluating the untrained model and the k-means baseline ...", flush=True)
+    t = time.time()
     untrained = evaluate(copy.deepcopy(module), datamodule)
     write_grid(module, datamodule, out_dir / "parts_untrained.png")
+    t = phase("untrained_eval", t)
     kmeans = evaluate_kmeans(module, datamodule)
+    t = phase("kmeans", t)
 
     print("[demo] training MPAE on synthetic parts ...", flush=True)
     trainer.fit(module, datamodule=datamodule)
+    t = phase("training", t)
     trained = evaluate(module, datamodule)
     write_grid(module, datamodule, out_dir / "parts.png")
+    phase("trained_eval", t)
 
     metrics = {
         "trained": trained,
@@ -112,6 +119,7 @@ def run_demo(config: str, out: str, overrides: list[str] | None = None) -> dict[
         "config": str(config),
         "epochs": trainer.current_epoch,
         "seconds": round(time.time() - start, 1),
+        "phase_seconds": timings,
         "checkpoint": str(trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path)
         if trainer.checkpoint_callback else None,
         "tensorboard": str(Path(trainer.logger.log_dir)) if trainer.logger else None,

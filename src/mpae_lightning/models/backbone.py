@@ -1,7 +1,13 @@
 """The frozen self-supervised ViT whose patch tokens MPAE groups into parts."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -10,6 +16,39 @@ from torch import nn
 from .weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
 
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the Hugging Face endpoint (timm's weight host)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_hub_if_unreachable() -> Iterator[None]:
+    """Without network, use only the local cache: no minute of retries, no wall of warnings."""
+    if _hub_reachable():
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    constants.HF_HUB_OFFLINE = True
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+        hub_logger.setLevel(level)
 
 
 def _create_timm_vit(name: str, weights: str | None, setting: str, **kwargs: Any) -> nn.Module:
@@ -24,7 +63,8 @@ def _create_timm_vit(name: str, weights: str | None, setting: str, **kwargs: Any
         except Exception as err:  # noqa: BLE001
             raise WeightsUnavailableError(f"{setting}: could not load {weights} into timm model '{name}': {err}") from None
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with _offline_hub_if_unreachable():
+            return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # noqa: BLE001 - network errors come in many types
         raise WeightsUnavailableError(
             f"Could not download pretrained weights for backbone '{name}' ({type(err).__name__}: {err}). "

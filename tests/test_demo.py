@@ -1,0 +1,29 @@
+"""`make demo`'s pipeline at a tiny size: the report's files and keys."""
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from conftest import DEMO_CONFIG, TINY_DEMO_ARGS
+from mpae_lightning.demo import main
+
+
+def test_demo_writes_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    main(["--config", str(DEMO_CONFIG), "--out", str(out), *TINY_DEMO_ARGS])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for run in ("trained", "untrained", "kmeans"):
+        assert set(metrics[run]["keypoint"]) == {"nmi", "ari", "fg_nmi", "fg_ari"}
+        assert set(metrics[run]["mask"]) == {"nmi", "ari"}
+        for scores in (metrics[run]["keypoint"], metrics[run]["mask"]):
+            assert all(-100.0 <= v <= 100.0 for v in scores.values()), scores
+    # one epoch of training changes the model, so its scores differ from the untrained copy
+    assert metrics["trained"] != metrics["untrained"]
+    grid = Image.open(out / "parts.png")
+    assert grid.width == 5 * 128  # image | overlay | parts | ground truth | restored
+    assert (out / "parts_untrained.png").exists()
+    assert list(out.rglob("events.out.tfevents*")), "TensorBoard log missing"
+    assert list(out.rglob("last.ckpt"))
+    printed = capsys.readouterr().out
+    assert "report written to" in printed and str(out.resolve()) in printed

@@ -1,0 +1,464 @@
+"""MPAE model pieces on hand-made inputs, a tiny end-to-end model, and one full-size smoke run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mpae_lightning import MPAE
+from mpae_lightning.models.pos_embed import sincos_pos_embed_2d
+from mpae_lightning.models.restorer import random_masking_ids, unpatchify
+
+TINY = dict(
+    num_parts=3,
+    image_size=56,  # 4x4 patch grid
+    feature_dim=64,
+    backbone="vit_small_patch14_reg4_dinov2",
+    backbone_weights="random",
+    backbone_kwargs=dict(embed_dim=32, depth=1, num_heads=2),
+    descriptor_width=32,
+    descriptor_depth=1,
+    descriptor_heads=2,
+    encoder_width=32,
+    encoder_depth=1,
+    encoder_heads=2,
+    decoder_depth=1,
+    restore_patch=4,
+    mask_ratio=0.75,
+    mini_group=2,
+    vgg_weights="random",
+    # distinct, non-default lambdas so a swapped weight shows in the total
+    presence_weight=2.0,
+    distribution_weight=3.0,
+    semantic_weight=5.0,
+)
+LOSS_KEYS = {
+    "restoration",
+    "restoration_l1",
+    "perceptual",
+    "perceptual_terms",
+    "total_variation",
+    "entropy",
+    "distribution",
+    "presence_background",
+    "presence_foreground",
+    "presence",
+    "semantic",
+    "total",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MPAE:
+    torch.manual_seed(0)
+    return MPAE(**TINY)
+
+
+@pytest.fixture()
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+
+
+# --------------------------------------------------------------------------- random masking
+
+
+def test_random_masking_keeps_lowest_noise_patches():
+    noise = torch.tensor(
+        [
+            [0.50, 0.10, 0.90, 0.30, 0.70, 0.20, 0.80, 0.40, 0.60, 0.05],
+            [0.00, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.01],
+        ]
+    )
+    ids_keep, masked = random_masking_ids(noise, mask_ratio=0.7)  # int(10 * 0.3) = 3 kept
+    assert ids_keep.tolist() == [[9, 1, 5], [0, 9, 8]]  # ascending noise order
+    expected_masked = torch.ones(2, 10, dtype=torch.bool)
+    expected_masked[0, [9, 1, 5]] = False
+    expected_masked[1, [0, 9, 8]] = False
+    assert torch.equal(masked, expected_masked)
+
+
+@pytest.mark.parametrize("num_patches, ratio", [(256, 0.9), (64, 0.9), (16, 0.75), (1024, 0.9), (49, 0.5)])
+def test_random_masking_keeps_int_of_l_times_one_minus_ratio(num_patches, ratio):
+    noise = torch.rand(3, num_patches, generator=torch.Generator().manual_seed(num_patches))
+    ids_keep, masked = random_masking_ids(noise, ratio)
+    n_keep = int(num_patches * (1 - ratio))  # 256, 0.9 -> 25 (the spec's example)
+    assert ids_keep.shape == (3, n_keep)
+    assert (~masked).sum(dim=1).tolist() == [n_keep] * 3
+    # kept = exactly the n_keep smallest noise values of each row
+    for row in range(3):
+        assert set(ids_keep[row].tolist()) == set(noise[row].argsort()[:n_keep].tolist())
+        assert noise[row, ~masked[row]].max() < noise[row, masked[row]].min()
+
+
+def test_random_masking_same_noise_same_mask():
+    noise = torch.rand(4, 64, generator=torch.Generator().manual_seed(7))
+    a = random_masking_ids(noise, 0.9)
+    b = random_masking_ids(noise.clone(), 0.9)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c = random_masking_ids(torch.rand(4, 64, generator=torch.Generator().manual_seed(8)), 0.9)
+    assert not torch.equal(a[1], c[1])
+
+
+# --------------------------------------------------------------------------- unpatchify and position embeddings
+
+
+def test_unpatchify_row_column_channel_layout():
+    # grid h=2, w=3 (non-square), patch 2: token t's entry (r, c, ch) is at index (r*2 + c)*3 + ch.
+    h, w, p = 2, 3, 2
+    tokens = torch.zeros(2, h * w, p * p * 3)
+    for n in range(2):
+        for t in range(h * w):
+            for r in range(p):
+                for c in range(p):
+                    for ch in range(3):
+                        tokens[n, t, (r * p + c) * 3 + ch] = 10000 * n + 1000 * t + 100 * r + 10 * c + ch
+    image = unpatchify(tokens, (h, w), p)
+    assert image.shape == (2, 3, h * p, w * p)
+    for n in range(2):
+        for ch in range(3):
+            for y in range(h * p):
+                for x in range(w * p):
+                    t = (y // p) * w + (x // p)  # row-major token order
+                    expected = 10000 * n + 1000 * t + 100 * (y % p) + 10 * (x % p) + ch
+                    assert image[n, ch, y, x].item() == expected, (n, ch, y, x)
+
+
+def test_sincos_pos_embed_values():
+    emb = sincos_pos_embed_2d(8, 2, 3)  # grid 2 rows x 3 columns, width 8
+    assert emb.shape == (6, 8) and emb.dtype == torch.float32
+    # Each half: [sin(pos * omega), cos(pos * omega)], omega = (1, 1/100); first half = column, second = row.
+    assert emb[0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]  # position 0: sin = 0, cos = 1
+    s1, s2, c1, c2 = math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01)
+    assert emb[1].tolist() == pytest.approx([s1, s2, c1, c2, 0, 0, 1, 1], abs=1e-7)  # row 0, column 1
+    assert emb[3].tolist() == pytest.approx([0, 0, 1, 1, s1, s2, c1, c2], abs=1e-7)  # row 1, column 0
+    assert emb[5, :4].tolist() == pytest.approx([math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)], abs=1e-7)
+    big = sincos_pos_embed_2d(256, 16, 16)
+    assert big.shape == (256, 256)
+    assert torch.equal(big[0, :64], torch.zeros(64)) and torch.equal(big[0, 64:128], torch.ones(64))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed_2d(6, 2, 2)
+
+
+def test_model_position_embeddings_are_sincos(tiny):
+    grid = tiny.grid_size
+    restorer = tiny.restorer
+    assert torch.equal(restorer.pos_embed[0], sincos_pos_embed_2d(TINY["encoder_width"], *grid))
+    assert torch.equal(restorer.decoder_pos_embed[0], sincos_pos_embed_2d(TINY["feature_dim"], *grid))
+    k1 = TINY["num_parts"] + 1
+    desc_pos = tiny.descriptor_vit.pos_embed[0].detach()
+    assert torch.equal(desc_pos[:k1], torch.zeros(k1, TINY["descriptor_width"]))  # queries first, zeros
+    assert torch.equal(desc_pos[k1:], sincos_pos_embed_2d(TINY["descriptor_width"], *grid))
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def test_rejects_image_size_not_divisible_by_patch():
+    with pytest.raises(ValueError, match=r"image_size=225.*patch size 14"):
+        MPAE(image_size=225, backbone=None, backbone_dim=16, patch_size=14)
+    # with a backbone, the patch size is the backbone's
+    with pytest.raises(ValueError, match=r"image_size=60.*14"):
+        MPAE(**{**TINY, "image_size": 60})
+
+
+def test_rejects_missing_backbone_settings():
+    with pytest.raises(ValueError, match="backbone_dim and patch_size"):
+        MPAE(backbone=None)
+
+
+def test_rejects_wrong_image_size_at_forward(tiny):
+    with pytest.raises(ValueError, match=r"56x56.*42, 42"):
+        tiny.train().compute_losses(torch.randn(1, 3, 42, 42))
+    with pytest.raises(ValueError, match=r"56x56.*70, 56"):
+        tiny.eval().predict_parts(torch.randn(1, 3, 70, 56))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        tiny.predict_parts(torch.randn(1, 1, 56, 56))
+
+
+def test_rejects_wrong_number_of_backbone_tokens(tiny, images):
+    with pytest.raises(ValueError, match="16 backbone tokens"):
+        tiny.encode_parts(images, backbone_tokens=torch.randn(3, 9, 32))
+
+
+# --------------------------------------------------------------------------- the tiny end-to-end model
+
+
+def test_frozen_parts_stay_in_eval_mode(tiny):
+    tiny.train()
+    assert tiny.training and tiny.descriptor_vit.training and tiny.restorer.training
+    for frozen in (tiny.backbone, tiny.restoration_loss.features):
+        assert all(not m.training for m in frozen.modules())
+        assert all(not p.requires_grad for p in frozen.parameters())
+    trainable = {id(p) for p in tiny.trainable_parameters()}
+    assert not trainable & {id(p) for p in tiny.backbone.parameters()}
+    assert not trainable & {id(p) for p in tiny.restoration_loss.parameters()}
+
+
+def test_tiny_training_forward_and_backward(tiny, images):
+    tiny.train().zero_grad(set_to_none=True)
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(2))
+    out = tiny(images, noise=noise)
+    assert set(out.losses) == LOSS_KEYS
+    for name, value in out.losses.items():
+        assert torch.isfinite(value).all(), name
+    losses = {k: v.detach() for k, v in out.losses.items()}
+    assert losses["perceptual_terms"].shape == (5,)
+    assert float(losses["distribution"]) == pytest.approx(float(losses["total_variation"] + losses["entropy"]), rel=1e-6)
+    assert float(losses["presence"]) == pytest.approx(
+        float(losses["presence_background"] + losses["presence_foreground"]), rel=1e-6
+    )
+    expected_total = losses["restoration"] + 3.0 * losses["distribution"] + 2.0 * losses["presence"] + 5.0 * losses["semantic"]
+    assert out.total.item() == pytest.approx(expected_total.item(), rel=1e-6)
+
+    # shapes of what the forward exposes
+    assert out.descriptors.shape == (3, 4, 64)
+    assert out.local_features.shape == (3, 64, 4, 4)
+    assert out.similarity.shape == (3, 4, 4, 4)
+    assert torch.allclose(out.similarity.sum(dim=1), torch.ones(3, 4, 4), atol=1e-5)
+    assert out.filled_features.shape == (3, 64, 4, 4)
+    assert out.restored.shape == out.target.shape == (3, 3, 16, 16)
+    # masking follows the noise: int(16 * 0.25) = 4 kept, the lowest noise values
+    assert torch.equal(out.masked, random_masking_ids(noise, 0.75)[1])
+    assert (~out.masked).sum(dim=1).tolist() == [4, 4, 4]
+
+    out.total.backward()
+    for name, p in tiny.named_parameters():
+        if name.startswith(("backbone.", "restoration_loss.")):
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None, f"no gradient for {name}"
+            assert torch.isfinite(p.grad).all(), name
+    assert tiny.feature_proj.weight.grad.abs().sum() > 0
+    assert tiny.descriptor_vit.part_queries.grad.abs().sum() > 0
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_tiny_forward_is_reproducible_with_explicit_noise(tiny, images):
+    tiny.train()
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a = tiny.compute_losses(images, noise=noise)
+        b = tiny.compute_losses(images, noise=noise.clone())
+    assert torch.equal(a.masked, b.masked) and torch.equal(a.restored, b.restored)
+    assert float(a.total) == float(b.total)
+    assert torch.equal(a.masked, random_masking_ids(noise, 0.75)[1])
+
+
+def test_precomputed_backbone_tokens_match_running_the_backbone(tiny, images):
+    tiny.eval()
+    with torch.no_grad():
+        tokens = tiny.backbone(images)
+        assert tokens.shape == (3, 16, 32)  # class and register tokens dropped
+        direct = tiny.encode_parts(images).logits
+        given = tiny.encode_parts(images, backbone_tokens=tokens).logits
+        assert torch.equal(direct, given)
+        # ... and different tokens give different logits (the tokens are really used)
+        other = tiny.encode_parts(images, backbone_tokens=tokens + 1).logits
+    assert not torch.allclose(direct, other)
+
+
+def test_tiny_inference_forward(tiny, images):
+    tiny.eval()
+    with torch.no_grad():
+        probs = tiny(images)
+        assert probs.shape == (3, 4, 128, 128)  # 4x4 grid upsampled to the 128 evaluation map
+        assert torch.allclose(probs.sum(dim=1), torch.ones(3, 128, 128), atol=1e-5)
+        assert (probs >= 0).all()
+        small = tiny.predict_parts(images, scale_factor=2)
+        assert small.shape == (3, 4, 8, 8)
+        # at scale 1 the map is the training similarity map
+        logits = tiny.encode_parts(images).logits
+        grid = tiny.predict_parts(images, scale_factor=1)
+        assert torch.allclose(grid, logits.softmax(dim=1), atol=1e-6)
+        # otherwise: bilinear upsampling of the logits (align_corners=False), then the softmax
+        upsampled = torch.nn.functional.interpolate(logits, size=(128, 128), mode="bilinear", align_corners=False)
+        assert torch.allclose(probs, upsampled.softmax(dim=1), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the one full-size run
+
+
+def test_full_size_default_model_train_and_inference_forward():
+    """The issue's smoke check: default MPAE (ViT-B/14 DINOv2 with registers, K=16, 224) on the CPU."""
+    torch.manual_seed(0)
+    model = MPAE(backbone_weights="random", vgg_weights="random")
+    assert model.num_parts == 16 and model.grid_size == (16, 16) and model.patch_size == 14
+    assert model.backbone.embed_dim == 768
+    images = torch.randn(2, 3, 224, 224)
+    model.train()
+    assert not model.backbone.training and not model.restoration_loss.features.training
+    with torch.no_grad():
+        out = model(images)
+    assert set(out.losses) == LOSS_KEYS
+    assert torch.isfinite(out.total)
+    l = out.losses
+    expected = l["restoration"] + 0.5 * l["distribution"] + 1.0 * l["presence"] + 0.25 * l["semantic"]
+    assert float(out.total) == pytest.approx(float(expected), rel=1e-6)
+    assert out.restored.shape == (2, 3, 128, 128)
+    assert out.similarity.shape == (2, 17, 16, 16)
+    assert (~out.masked).sum(dim=1).tolist() == [25, 25]  # int(256 * 0.1)
+    model.eval()
+    with torch.no_grad():
+        probs = model(images)
+    assert probs.shape == (2, 17, 128, 128)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(2, 128, 128), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- pretrained weights: offline and local files
+
+SMALL_VIT = dict(embed_dim=32, depth=1, num_heads=2)
+
+
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    """No network and empty caches: every download attempt fails as it would on an offline machine."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for var in ("HF_HOME", "TORCH_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    try:  # huggingface_hub reads its cache folder at import time
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_hub_cache"))
+        monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    except ImportError:
+        pass
+    try:  # huggingface_hub retries failed connections with 1+2+4+8+8 s of back-off; skip the waiting
+        import time
+        import types
+
+        from huggingface_hub.utils import _http
+
+        fast_time = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if not n.startswith("_")})
+        fast_time.sleep = lambda seconds: None
+        monkeypatch.setattr(_http, "time", fast_time)
+    except (ImportError, AttributeError):
+        pass
+    return tmp_path
+
+
+def test_backbone_download_offline_names_the_local_file_option(offline):
+    from mpae_lightning.models import DEFAULT_BACKBONE, FrozenBackbone, WeightsUnavailableError
+
+    # default name, small kwargs so the (doomed) model is cheap to build before the download
+    with pytest.raises(WeightsUnavailableError) as info:
+        FrozenBackbone(DEFAULT_BACKBONE, weights="timm", model_kwargs=SMALL_VIT)
+    message = str(info.value)
+    assert "backbone_weights" in message
+    assert "backbone_weights=/path/to/weights.pth" in message  # the local-file form of the setting
+    assert DEFAULT_BACKBONE in message
+
+
+def test_mpae_offline_error_names_backbone_weights(offline):
+    from mpae_lightning.models import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match=r"backbone_weights=/path"):
+        MPAE(backbone_kwargs=SMALL_VIT, vgg_weights="random")
+
+
+def test_vgg_download_offline_names_the_local_file_option(offline):
+    from mpae_lightning.models import VGGFeatures, WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError) as info:
+        VGGFeatures(weights="torchvision")
+    message = str(info.value)
+    assert "vgg_weights" in message
+    assert "vgg_weights=/path/to/vgg19.pth" in message
+    assert not list((offline / "torch_home").rglob("*.pth"))  # nothing was downloaded
+
+
+def test_missing_local_files_are_named(tmp_path):
+    from mpae_lightning.models import FrozenBackbone, VGGFeatures, WeightsUnavailableError
+
+    missing = tmp_path / "nowhere" / "dinov2_vitb14_reg4_pretrain.pth"
+    with pytest.raises(WeightsUnavailableError) as info:
+        FrozenBackbone("vit_small_patch14_reg4_dinov2", weights=str(missing), model_kwargs=SMALL_VIT)
+    assert str(missing) in str(info.value) and "backbone_weights" in str(info.value)
+    missing_vgg = tmp_path / "vgg19-dcbb9e9d.pth"
+    with pytest.raises(WeightsUnavailableError) as info:
+        VGGFeatures(weights=str(missing_vgg))
+    assert str(missing_vgg) in str(info.value) and "vgg_weights" in str(info.value)
+
+
+def test_backbone_from_local_timm_file(tmp_path):
+    import timm
+
+    from mpae_lightning.models import FrozenBackbone
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, **SMALL_VIT)
+    path = tmp_path / "small_vit.pth"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(1)  # a different random init, so equality proves the file was loaded
+    backbone = FrozenBackbone("vit_small_patch14_reg4_dinov2", weights=str(path), model_kwargs=SMALL_VIT)
+    loaded = backbone.vit.state_dict()
+    assert loaded.keys() == source.state_dict().keys()
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+    assert all(not p.requires_grad for p in backbone.parameters())
+
+
+def test_backbone_from_local_meta_dinov2_file(tmp_path):
+    from mpae_lightning.models import FrozenBackbone
+    from mpae_lightning.models.backbone import dinov2_model_kwargs
+    from reference_utils import reference_dir
+
+    fixture = torch.load(reference_dir() / "dinov2_reference_A.pt", map_location="cpu", weights_only=True)
+    assert "register_tokens" in fixture["state_dict"]  # Meta's key names, not timm's
+    path = tmp_path / "dinov2_meta.pth"
+    torch.save(fixture["state_dict"], path)
+    backbone = FrozenBackbone(
+        "vit_base_patch14_reg4_dinov2", weights=str(path), model_kwargs=dinov2_model_kwargs(fixture["config"])
+    )
+    images = fixture["inputs"]["224"] if "224" in fixture["inputs"] else fixture["inputs"][224]
+    outputs = fixture["outputs"]["x_norm_patchtokens"]
+    expected = outputs["224"] if "224" in outputs else outputs[224]
+    tokens = backbone(images)
+    assert tokens.shape == expected.shape
+    assert float((tokens - expected).norm() / expected.norm()) < 1e-4
+
+
+def _vgg19_features_state() -> dict[str, torch.Tensor]:
+    """A random ``vgg19().features`` state dict, built without the (slow, 100M-parameter) classifier."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    return make_layers(cfgs["E"]).state_dict()
+
+
+def test_vgg_from_local_files(tmp_path):
+    from mpae_lightning.models import VGGFeatures
+
+    features = _vgg19_features_state()
+    # A full torchvision vgg19 state dict: features.* plus the classifier (stored as stride-0 tensors,
+    # same keys and shapes as torchvision's file at a fraction of the size).
+    full = {f"features.{k}": v for k, v in features.items()}
+    for key, shape in {
+        "classifier.0.weight": (4096, 25088), "classifier.0.bias": (4096,),
+        "classifier.3.weight": (4096, 4096), "classifier.3.bias": (4096,),
+        "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
+    }.items():
+        full[key] = torch.zeros(1).expand(*shape)
+    torch.save(full, tmp_path / "vgg19_full.pth")
+    torch.save(features, tmp_path / "vgg19_features.pth")
+    for name in ("vgg19_full.pth", "vgg19_features.pth"):
+        vgg = VGGFeatures(weights=str(tmp_path / name))
+        convs = [m for block in vgg.slices for m in block if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == 13  # conv1_1 .. conv5_1
+        own = {}
+        index = 0
+        for block in vgg.slices:
+            for layer in block:
+                for pname, p in layer.named_parameters():
+                    own[f"{index}.{pname}"] = p
+                index += 1
+        assert index == 30
+        for key, value in own.items():
+            assert torch.equal(value, features[key]), (name, key)
+        assert not vgg.training and all(not p.requires_grad for p in vgg.parameters())
