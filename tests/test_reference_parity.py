@@ -29,7 +29,7 @@ def _load(path):
 
 
 def _assert_scalar(name: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
-    ours, ref = float(ours), float(ref)
+    ours, ref = float(ours.detach()), float(ref)
     assert abs(ours - ref) <= SCALAR_TOL * max(1.0, abs(ref)), f"{name}: ours {ours} vs reference {ref}"
 
 
