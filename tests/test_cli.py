@@ -26,6 +26,12 @@ def test_fit_test_predict_from_checkpoint(tmp_path, tiny_demo_args, capsys):
     ckpt = _last_ckpt(tmp_path)
     events = glob.glob(str(tmp_path / "**" / "events.out.tfevents*"), recursive=True)
     assert events, "TensorBoard log missing"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = EventAccumulator(events[0])
+    log.Reload()
+    assert "val/parts" in log.Tags()["images"], "no part-overlay grid logged at validation"
+    assert {"val/total", "val/nmi", "val/fg_nmi", "val/mask_nmi"} <= set(log.Tags()["scalars"])
 
     cli = MPAECLI(args=["test", *tiny_demo_args, f"--ckpt_path={ckpt}"])
     logged = cli.trainer.callback_metrics

@@ -37,7 +37,7 @@ class PartPredictionWriter(BasePredictionWriter):
     ) -> None:
         out = Path(self.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        labels, images = prediction["labels"], denormalize(prediction["images"].float())
+        labels, images = prediction["labels"], denormalize(batch["image"].detach().float().cpu())
         paths = prediction.get("path") or [None] * labels.shape[0]
         for i in range(labels.shape[0]):
             index = int(prediction["index"][i])

@@ -307,9 +307,9 @@ class MPAEModule(LightningModule):
     # -------------------------------------------------------------- prediction
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         probs = self.model.predict_parts(batch["image"])
+        # Only the small label maps are returned: Trainer.predict keeps every prediction in memory.
         return {
             "labels": probs.argmax(dim=1).to(torch.uint8 if probs.shape[1] <= 256 else torch.int32).cpu(),
-            "images": batch["image"].cpu(),
             "index": batch["index"].cpu(),
             "path": batch.get("path"),
             "num_parts": probs.shape[1],

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .data.transforms import denormalize
+
 BACKGROUND_COLOR = (40, 40, 40)
 
 
@@ -26,13 +26,6 @@ def part_palette(num_parts: int) -> np.ndarray:
         colors.append([round(c * 255) for c in colorsys.hsv_to_rgb(hue, sat, val)])
     colors.append(list(BACKGROUND_COLOR))
     return np.asarray(colors, dtype=np.uint8)
-
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised (B, 3, H, W) -> [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
 
 
 def colorize(labels: torch.Tensor | np.ndarray, num_parts: int) -> np.ndarray:
