@@ -266,8 +266,11 @@ class PartDataModule(LightningDataModule):
 
     # -- datasets ------------------------------------------------------------------------------
     def build_dataset(self, split: Split) -> Dataset:
-        """Build the dataset of ``split`` ("train" with augmentation; "val", "test", "predict" without)."""
-        raise NotImplementedError
+        """Build the dataset of ``split`` ("train" with augmentation; "val", "test", "predict" without).
+
+        Every dataset-specific DataModule overrides this.
+        """
+        raise TypeError(f"{type(self).__name__} does not define build_dataset(split); subclass PartDataModule")
 
     def _cached_eval_dataset(self) -> Dataset | None:
         """An already built val/test/predict dataset, for DataModules whose evaluation splits coincide."""
