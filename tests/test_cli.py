@@ -41,6 +41,9 @@ def test_fit_test_predict_from_checkpoint(tmp_path, tiny_demo_args, capsys):
     # test with --ckpt_path must not try to download (weights were set to random, then restored)
     assert cli.model.hparams.backbone_weights == "random"
 
+    validated = MPAECLI(args=["validate", *tiny_demo_args, f"--ckpt_path={ckpt}"]).trainer.callback_metrics
+    assert {"val/nmi", "val/mask_nmi", "val/total"} <= set(validated)
+
     out = tmp_path / "pred"
     main(["predict", *tiny_demo_args, f"--ckpt_path={ckpt}", f"--prediction_writer.output_dir={out}"])
     pngs = sorted(out.glob("*_parts.png"))

@@ -1,7 +1,7 @@
 """MPAEModule: training, evaluation and prediction of MPAE with Lightning."""
 from __future__ import annotations
 
-import os
+import inspect
 from typing import Any
 
 import torch
@@ -111,32 +111,8 @@ class MPAEModule(LightningModule):
             backbone_weights = "random"
         if state is not None and any(k.startswith("model.restoration_loss.") for k in state):
             vgg_weights = "random"
-        self.model = MPAE(
-            num_parts=num_parts,
-            image_size=image_size,
-            feature_dim=feature_dim,
-            backbone=backbone,
-            backbone_weights=backbone_weights,
-            backbone_kwargs=backbone_kwargs,
-            descriptor_width=descriptor_width,
-            descriptor_depth=descriptor_depth,
-            descriptor_heads=descriptor_heads,
-            encoder_width=encoder_width,
-            encoder_depth=encoder_depth,
-            encoder_heads=encoder_heads,
-            decoder_depth=decoder_depth,
-            decoder_heads=decoder_heads,
-            restore_patch=restore_patch,
-            mask_ratio=mask_ratio,
-            mini_group=mini_group,
-            arcface_s=arcface_s,
-            arcface_m=arcface_m,
-            presence_weight=presence_weight,
-            distribution_weight=distribution_weight,
-            semantic_weight=semantic_weight,
-            vgg_weights=vgg_weights,
-            eval_map_size=eval_map_size,
-        )
+        mpae_args = {k: v for k, v in self.hparams.items() if k in inspect.signature(MPAE).parameters}
+        self.model = MPAE(**{**mpae_args, "backbone_weights": backbone_weights, "vgg_weights": vgg_weights})
         if state is not None:
             self._load_initial_weights(state, weights)
         self.metrics = nn.ModuleDict()
