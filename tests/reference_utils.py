@@ -77,9 +77,10 @@ def mpae_from_reference(fixture: dict, **overrides):
         distribution_weight=float(cfg["loss_weights"]["distribution"]),
         semantic_weight=float(cfg["loss_weights"]["semantic"]),
         eval_scale_factor=float(cfg["eval_scale_factor"]),
-        vgg_features=formula_vgg19_features(),
     )
     kwargs.update(overrides)
+    if "vgg_features" not in kwargs and "vgg_weights" not in kwargs:
+        kwargs["vgg_features"] = formula_vgg19_features()  # built only when needed: ~3 s
     model = MPAE(**kwargs)
     load_official_state_dict(model, fixture["state_dict"])
     return model

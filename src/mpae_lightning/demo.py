@@ -71,13 +71,9 @@ def evaluate_kmeans(module: MPAEModule, datamodule: Any, max_fit_images: int = 2
 def write_grid(module: MPAEModule, datamodule: Any, path: Path, num_images: int = 8) -> None:
     batch = next(iter(datamodule.test_dataloader()))
     images = batch["image"][:num_images]
-    was_training = module.training
-    module.eval()
-    probs = module.model.predict_parts(images)
-    noise = module._fixed_noise(batch["index"][:num_images])
-    restored = module.model.compute_losses(images, noise=noise).restored
-    module.train(was_training)
-    grid = part_grid(images, probs, restored=restored, ground_truth=batch["mask"][:num_images],
+    out = module.model.compute_losses(images, noise=module._fixed_noise(batch["index"][:num_images]))
+    probs = module.model.part_probabilities(out.logits)
+    grid = part_grid(images, probs, restored=out.restored, ground_truth=batch["mask"][:num_images],
                      num_gt_labels=datamodule.num_mask_labels)
     save_grid(path, grid)
 

@@ -210,27 +210,24 @@ class MPAEModule(LightningModule):
                  batch_size=batch_size, sync_dist=not on_step, prog_bar=True)
 
     # -------------------------------------------------------------- evaluation
-    def _evaluation_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        images = batch["image"]
-        probs = self.model.predict_parts(images)
+    def _update_metrics(self, batch: dict[str, Any], stage: str, probs: torch.Tensor) -> None:
         if f"{stage}_keypoint" in self.metrics and "keypoints" in batch:
             self.metrics[f"{stage}_keypoint"].update(probs, batch["keypoints"], batch["visible"], self.model.image_size)
         if f"{stage}_mask" in self.metrics and "mask" in batch:
             self.metrics[f"{stage}_mask"].update(probs, batch["mask"])
-        return probs
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
-        # Losses with masking noise fixed by the sample index, so validation curves are comparable.
-        noise = self._fixed_noise(batch["index"])
-        out = self.model.compute_losses(batch["image"], noise=noise)
+        # One pass gives both: losses (masking noise fixed by the sample index, so validation
+        # curves are comparable) and the part map scored by the metrics.
+        out = self.model.compute_losses(batch["image"], noise=self._fixed_noise(batch["index"]))
+        self._update_metrics(batch, "val", self.model.part_probabilities(out.logits))
         self._log_losses("val", out.losses, batch["image"].shape[0], on_step=False)
         if batch_idx == 0 and self._vis_batch is None and self.hparams.num_visualize > 0:
             n = self.hparams.num_visualize
             self._vis_batch = {k: v[:n].detach() for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+        self._update_metrics(batch, "test", self.model.predict_parts(batch["image"]))
 
     def _fixed_noise(self, index: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -274,9 +271,8 @@ class MPAEModule(LightningModule):
         if experiment is None or not hasattr(experiment, "add_image") or self.global_rank != 0:
             return
         images = batch["image"]
-        probs = self.model.predict_parts(images)
-        restored = self.model.compute_losses(images, noise=self._fixed_noise(batch["index"])).restored
-        grid = part_grid(images, probs, restored=restored, ground_truth=batch.get("mask"),
+        out = self.model.compute_losses(images, noise=self._fixed_noise(batch["index"]))
+        grid = part_grid(images, self.model.part_probabilities(out.logits), restored=out.restored, ground_truth=batch.get("mask"),
                          num_gt_labels=getattr(self.trainer.datamodule, "num_mask_labels", None) or None)
         experiment.add_image("val/parts", grid, self.global_step, dataformats="HWC")
 

@@ -7,13 +7,14 @@ import os
 import socket
 from collections.abc import Iterator
 from typing import Any
+from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
-from .weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
+from .weights import WeightsUnavailableError, is_local_file, is_random
 
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
 
@@ -57,7 +58,9 @@ def _create_timm_vit(name: str, weights: str | None, setting: str, **kwargs: Any
         return timm.create_model(name, pretrained=False, **kwargs)
     if is_local_file(weights):
         # timm's pretrained path converts Meta's DINOv2 keys and resizes position embeddings.
-        load_state_dict_file(weights, setting)  # fail early with a clear message if unreadable
+        if not Path(weights).expanduser().is_file():
+            raise WeightsUnavailableError(f"{setting}: weight file {Path(weights).expanduser()} does not exist.")
+        weights = str(Path(weights).expanduser())
         try:
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
         except Exception as err:  # noqa: BLE001

@@ -47,6 +47,7 @@ class MPAEOutput:
     restored: torch.Tensor
     target: torch.Tensor
     masked: torch.Tensor  # (B, h*w) True where a patch was hidden from the encoder
+    logits: torch.Tensor  # (B, K+1, h, w) part logits <D, F>, for the evaluation map without a second pass
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -265,7 +266,7 @@ class MPAE(nn.Module):
             + w["semantic"] * losses["semantic"]
         )
         return MPAEOutput(
-            losses, enc.descriptors, enc.local_features, similarity, filled, restored, target, masked
+            losses, enc.descriptors, enc.local_features, similarity, filled, restored, target, masked, enc.logits
         )
 
     def predict_parts(
@@ -279,7 +280,10 @@ class MPAE(nn.Module):
         The logits are upsampled bilinearly before the softmax; this equals the
         authors' upsampling of F before the dot product, since both are linear.
         """
-        logits = self.encode_parts(images, backbone_tokens).logits
+        return self.part_probabilities(self.encode_parts(images, backbone_tokens).logits, scale_factor)
+
+    def part_probabilities(self, logits: torch.Tensor, scale_factor: float | None = None) -> torch.Tensor:
+        """Patch-grid part logits -> (B, K+1, h*s, w*s) probabilities (bilinear upsampling, then softmax)."""
         scale = self.eval_scale_factor if scale_factor is None else scale_factor
         if scale != 1:
             logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
