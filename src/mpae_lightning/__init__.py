@@ -11,7 +11,7 @@ from .lightning_module import MPAEModule
 from .metrics import KeypointPartMetrics, MaskPartMetrics, PartARI, PartNMI
 from .models import MPAE, load_official_checkpoint
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written; setup.cfg reads it
 __all__ = [
     "CUBDataModule",
     "CelebADataModule",
