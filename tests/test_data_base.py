@@ -41,6 +41,28 @@ def test_attributes_exist_before_setup(tmp_path):
     assert dm.has_keypoints and dm.has_masks and dm.num_keypoints == 6 and dm.num_mask_labels == 7
 
 
+def test_splits_with_one_source_share_one_dataset(monkeypatch):
+    """Evaluation splits that read the same data are built once (one listing, one file check)."""
+    built = []
+    original = SyntheticPartsDataModule.build_dataset
+
+    def counting(self, split):
+        built.append(split)
+        return original(self, split)
+
+    monkeypatch.setattr(SyntheticPartsDataModule, "build_dataset", counting)
+    dm = SyntheticPartsDataModule(num_train=8, num_val=4, num_test=6, image_size=32)
+    dm.setup()
+    assert sorted(built) == ["test", "train", "val"]  # predict read the test split's object
+    assert dm.predict_dataset is dm.test_dataset and dm.val_dataset is not dm.test_dataset
+    assert len(dm.val_dataset) == 4
+    for cls in (CUBDataModule, CelebADataModule, PartImageNetDataModule):
+        module = cls(root="nowhere")
+        assert [module.split_source(s) for s in ("train", "val", "test", "predict")] == ["train", "test", "test", "test"]
+    folder = ImageFolderDataModule(root="nowhere")
+    assert [folder.split_source(s) for s in ("train", "val", "test", "predict")] == ["train", "test", "test", "predict"]
+
+
 def test_batch_size_must_be_multiple_of_mini_group():
     with pytest.raises(ValueError, match=r"batch_size \(20\).*mini_group \(8\)"):
         SyntheticPartsDataModule(batch_size=20, mini_group=8)

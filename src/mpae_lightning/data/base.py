@@ -272,18 +272,21 @@ class PartDataModule(LightningDataModule):
         """
         raise TypeError(f"{type(self).__name__} does not define build_dataset(split); subclass PartDataModule")
 
-    def _cached_eval_dataset(self) -> Dataset | None:
-        """An already built val/test/predict dataset, for DataModules whose evaluation splits coincide."""
-        for split in ("test", "val", "predict"):
-            if split in self._datasets:
-                return self._datasets[split]
-        return None
+    def split_source(self, split: Split) -> Split:
+        """The split whose data ``split`` reads; splits with the same source share one dataset object.
+
+        The default gives every split its own data. A DataModule whose evaluation splits coincide
+        (e.g. validation on the test split, as the authors do for CUB) overrides this, so the
+        images are listed and checked once.
+        """
+        return split
 
     def dataset(self, split: Split) -> Dataset:
-        """The (cached) dataset of ``split``."""
-        if split not in self._datasets:
-            self._datasets[split] = self.build_dataset(split)
-        return self._datasets[split]
+        """The (cached) dataset of ``split``, shared by all splits with the same :meth:`split_source`."""
+        source = self.split_source(split)
+        if source not in self._datasets:
+            self._datasets[source] = self.build_dataset(source)
+        return self._datasets[source]
 
     def setup(self, stage: str | None = None) -> None:
         """Build (and check) the datasets the stage needs, so missing files fail before training."""

@@ -131,12 +131,13 @@ class CelebADataModule(PartDataModule):
             raise FileNotFoundError(f"CelebA root {root} does not contain img_celeba/; expected {_EXPECTED}")
         return image_dir
 
+    def split_source(self, split: Split) -> Split:
+        """Validation and prediction read the test split (the authors validate on it)."""
+        return "train" if split == "train" else "test"
+
     def build_dataset(self, split: Split) -> ImageRecordDataset:
         if split == "train":
             path = self.train_list or default_celeba_list("train")
             return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=True)
-        cached = self._cached_eval_dataset()
-        if cached is not None:
-            return cached  # type: ignore[return-value]
         path = self.test_list or default_celeba_list("test")
         return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=False)

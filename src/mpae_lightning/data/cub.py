@@ -168,10 +168,11 @@ class CUBDataModule(PartDataModule):
         self.has_keypoints = True
         self.num_keypoints = CUB_NUM_KEYPOINTS
 
+    def split_source(self, split: Split) -> Split:
+        """Validation and prediction read the test split (the authors validate on it)."""
+        return "train" if split == "train" else "test"
+
     def build_dataset(self, split: Split) -> ImageRecordDataset:
         if split == "train":
             return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=True)
-        cached = self._cached_eval_dataset()
-        if cached is not None:
-            return cached  # type: ignore[return-value]
         return ImageRecordDataset(read_cub(self.root, "test"), self.image_size, train=False)

@@ -104,10 +104,10 @@ class ImageFolderDataModule(PartDataModule):
         keep = ~held_out if split == "train" else held_out
         return [f for f, k in zip(files, keep) if k]
 
+    def split_source(self, split: Split) -> Split:
+        """Validation and test read the same held-out images."""
+        return "test" if split == "val" else split
+
     def build_dataset(self, split: Split) -> ImageRecordDataset:
-        if split in ("val", "test"):
-            for other in ("val", "test"):
-                if other in self._datasets:
-                    return self._datasets[other]  # type: ignore[return-value]
         records = [ImageRecord(path=p) for p in self.split_files(split)]
         return ImageRecordDataset(records, self.image_size, train=split == "train")

@@ -439,14 +439,15 @@ class SyntheticPartsDataModule(PartDataModule):
         self.num_keypoints = NUM_PART_TYPES
         self.num_mask_labels = NUM_PART_TYPES + 1
 
+    def split_source(self, split: Split) -> Split:
+        """Prediction reads the test split."""
+        return "test" if split == "predict" else split
+
     def build_dataset(self, split: Split) -> SyntheticPartsDataset:
-        if split == "predict" and "test" in self._datasets:
-            return self._datasets["test"]  # type: ignore[return-value]
-        name: Literal["train", "val", "test"] = "test" if split == "predict" else split  # type: ignore[assignment]
-        n = {"train": self.num_train, "val": self.num_val, "test": self.num_test}[name]
+        n = {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
         return SyntheticPartsDataset(
             n,
-            split=name,
+            split=split,  # type: ignore[arg-type]
             image_size=self.image_size,
             mask_size=self.mask_size,
             num_categories=self.num_categories,
