@@ -111,7 +111,7 @@ def test_no_drop_last_pads_to_full_batches_on_every_rank():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"batch_size \(12\).*mini_group \(8\)"):
+    with pytest.raises(ValueError, match=r"batch_size \(12\) must be a multiple of mini_group \(8\), or mini_group >="):
         MiniGroupBatchSampler(100, batch_size=12, mini_group=8)
     with pytest.raises(ValueError, match="labels"):
         MiniGroupBatchSampler(100, batch_size=8, mini_group=8, group_by="class")
@@ -166,3 +166,27 @@ def test_eval_shard_defaults_to_single_process():
     assert (s.num_replicas, s.rank) == (1, 0)
     assert list(s) == [0, 1, 2, 3, 4]
     assert torch.utils.data.DataLoader(_Range(5), sampler=s, batch_size=2).__len__() == 3
+
+
+@pytest.mark.parametrize("mini_group", [16, 24, 128])
+def test_mini_group_at_least_the_batch_is_one_group_per_batch(mini_group):
+    # The authors cut batches with torch.split(batch, mini_group): a mini-group >= the batch is the whole batch.
+    s = MiniGroupBatchSampler(100, batch_size=16, mini_group=mini_group, seed=0)
+    batches = list(s)
+    assert len(batches) == len(s) == 6 and all(len(b) == 16 for b in batches)
+    assert len({i for b in batches for i in b}) == 96
+    labels = [i % 5 for i in range(100)]
+    by_class = MiniGroupBatchSampler(labels, batch_size=8, mini_group=mini_group, seed=0, group_by="class")
+    batches = list(by_class)
+    assert len(batches) == len(by_class) == 5 * (20 // 8)
+    assert all(len(b) == 8 and len({labels[i] for i in b}) == 1 for b in batches)
+
+
+def test_presence_loss_with_mini_group_at_least_the_batch_is_one_group():
+    from mpae_lightning.losses.presence import MiniGroupPresenceLoss
+
+    sim = torch.rand(6, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = MiniGroupPresenceLoss(6)(sim)
+    assert torch.equal(MiniGroupPresenceLoss(8)(sim), whole)
+    assert torch.equal(MiniGroupPresenceLoss(128)(sim), whole)
+    assert not torch.equal(MiniGroupPresenceLoss(3)(sim), whole)

@@ -14,7 +14,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .samplers import EvalShardSampler, MiniGroupBatchSampler
+from .samplers import EvalShardSampler, MiniGroupBatchSampler, check_mini_group
 from .transforms import eval_transform, scale_keypoints, train_transform
 
 __all__ = [
@@ -213,7 +213,7 @@ class PartDataModule(LightningDataModule):
     ``sync_dist=True`` logging.
 
     Args:
-        batch_size: Training images per batch and per process; a multiple of ``mini_group``.
+        batch_size: Training images per batch and per process; a multiple of ``mini_group`` when it is larger.
         mini_group: Chunk size of the mini-group presence loss (8 single-category, 64 multi-category).
         eval_batch_size: Images per batch for validation, test and predict.
         num_workers: DataLoader worker processes.
@@ -241,11 +241,7 @@ class PartDataModule(LightningDataModule):
                 f"batch_size ({batch_size}), mini_group ({mini_group}) and eval_batch_size "
                 f"({eval_batch_size}) must be positive"
             )
-        if batch_size % mini_group != 0:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be a multiple of mini_group ({mini_group}): MPAE's "
-                "presence loss works on consecutive chunks of mini_group images of a batch"
-            )
+        check_mini_group(batch_size, mini_group)
         if group_by not in (None, "class"):
             raise ValueError(f"group_by must be None or 'class', got {group_by!r}")
         if image_size < 1 or mask_size < 1:

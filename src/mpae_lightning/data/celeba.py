@@ -84,7 +84,7 @@ class CelebADataModule(PartDataModule):
         train_list: A training landmark list instead of the shipped ``cele_train_lm.txt``.
         test_list: A test landmark list instead of the shipped ``MAFL_test_lm.txt``.
         image_size: Side S of the square input (paper: 224).
-        batch_size: Training images per batch and per process; a multiple of ``mini_group``.
+        batch_size: Training images per batch and per process; a multiple of ``mini_group`` when it is larger.
         mini_group: Chunk size of the mini-group presence loss (paper: 8).
         eval_batch_size: Images per batch for validation, test and predict.
         num_workers: DataLoader worker processes.

@@ -132,7 +132,7 @@ class CUBDataModule(PartDataModule):
     Args:
         root: The ``CUB_200_2011`` folder (or the folder that contains it).
         image_size: Side S of the square input (paper: 448).
-        batch_size: Training images per batch and per process; a multiple of ``mini_group``.
+        batch_size: Training images per batch and per process; a multiple of ``mini_group`` when it is larger.
         mini_group: Chunk size of the mini-group presence loss (paper: 8).
         eval_batch_size: Images per batch for validation, test and predict.
         num_workers: DataLoader worker processes.

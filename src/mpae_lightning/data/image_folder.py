@@ -38,7 +38,7 @@ class ImageFolderDataModule(PartDataModule):
         root: Folder searched recursively for images.
         val_fraction: Share of the images held out for validation/test (0 reuses all images).
         image_size: Side S of the square input (a multiple of the backbone patch 14, e.g. 224).
-        batch_size: Training images per batch and per process; a multiple of ``mini_group``.
+        batch_size: Training images per batch and per process; a multiple of ``mini_group`` when it is larger.
         mini_group: Chunk size of the mini-group presence loss (8 for one object category,
             64 for many).
         eval_batch_size: Images per batch for validation, test and predict.

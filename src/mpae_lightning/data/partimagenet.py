@@ -144,7 +144,7 @@ class PartImageNetDataModule(PartDataModule):
         root: The dataset folder (layouts in the module docstring).
         variant: ``"ood"`` or ``"seg"``.
         image_size: Side S of the square input (paper: 224).
-        batch_size: Training images per batch and per process; a multiple of ``mini_group``.
+        batch_size: Training images per batch and per process; a multiple of ``mini_group`` when it is larger.
         mini_group: Chunk size of the mini-group presence loss (paper: 64 for multi-category data).
         eval_batch_size: Images per batch for validation, test and predict.
         num_workers: DataLoader worker processes.

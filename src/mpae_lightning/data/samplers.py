@@ -18,7 +18,28 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["EvalShardSampler", "MiniGroupBatchSampler", "distributed_info"]
+__all__ = ["EvalShardSampler", "MiniGroupBatchSampler", "check_mini_group", "distributed_info"]
+
+
+def check_mini_group(batch_size: int, mini_group: int) -> None:
+    """Refuse a batch that the presence loss's ``torch.split(batch, mini_group)`` would cut unevenly.
+
+    The authors cut every batch with ``torch.split``, so a mini-group at least as large as the
+    batch is one group per batch (the supplement's Table 7 goes up to 128 with a batch of 64); a
+    smaller mini-group must divide the batch so that every group has ``mini_group`` images.
+
+    Raises:
+        ValueError: ``batch_size`` or ``mini_group`` is not positive, or ``mini_group`` is smaller
+            than ``batch_size`` and does not divide it.
+    """
+    if batch_size < 1 or mini_group < 1:
+        raise ValueError(f"batch_size ({batch_size}) and mini_group ({mini_group}) must be positive")
+    if mini_group < batch_size and batch_size % mini_group != 0:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of mini_group ({mini_group}), or mini_group >= "
+            "batch_size (one group per batch): MPAE's presence loss works on consecutive chunks of "
+            "mini_group images of a batch"
+        )
 
 
 def distributed_info(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int]:
@@ -84,8 +105,9 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
     Args:
         data_source: The dataset size, or a sequence with one class label per item (needed for
             ``group_by="class"``; labels may be any hashable ints, -1 included).
-        batch_size: Images per batch on one rank; a multiple of ``mini_group``.
-        mini_group: Chunk size of MPAE's mini-group presence loss.
+        batch_size: Images per batch on one rank; a multiple of ``mini_group`` when it is larger.
+        mini_group: Chunk size of MPAE's mini-group presence loss; ``mini_group >= batch_size``
+            means one group per batch (``group_by="class"`` then fills each batch with one class).
         shuffle: Reshuffle every epoch (deterministically from ``seed`` and the epoch). Without it
             the order is the dataset order.
         seed: Seed shared by all ranks.
@@ -116,19 +138,15 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         else:
             self.labels = np.asarray(list(data_source), dtype=np.int64)
             self.num_samples = len(self.labels)
-        if batch_size < 1 or mini_group < 1:
-            raise ValueError(f"batch_size ({batch_size}) and mini_group ({mini_group}) must be positive")
-        if batch_size % mini_group != 0:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be a multiple of mini_group ({mini_group}): MPAE's "
-                "presence loss works on consecutive chunks of mini_group images of a batch"
-            )
+        check_mini_group(batch_size, mini_group)
         if group_by not in (None, "class"):
             raise ValueError(f"group_by must be None or 'class', got {group_by!r}")
         if group_by == "class" and self.labels is None:
             raise ValueError("group_by='class' needs one label per item: pass the labels, not the dataset size")
         self.batch_size = int(batch_size)
         self.mini_group = int(mini_group)
+        # The groups the loss sees: torch.split(batch, mini_group) gives one group when mini_group >= batch.
+        self.group_size = min(self.mini_group, self.batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
@@ -158,8 +176,8 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         if self.group_by is None:
             return self.num_samples, self.batch_size
         rounding = math.floor if self.drop_last else math.ceil
-        groups = sum(rounding(c / self.mini_group) for c in self._class_counts())
-        return groups, self.batch_size // self.mini_group
+        groups = sum(rounding(c / self.group_size) for c in self._class_counts())
+        return groups, self.batch_size // self.group_size
 
     def _num_batches_per_rank(self) -> int:
         units, per_batch = self._num_units()
@@ -175,7 +193,7 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         return np.random.default_rng([self.seed, self.epoch])
 
     def _units(self, rng: np.random.Generator) -> np.ndarray:
-        """The epoch's shuffled units: (n,) indices or (G, mini_group) groups."""
+        """The epoch's shuffled units: (n,) indices or (G, group_size) groups."""
         if self.group_by is None:
             n = self.num_samples
             return rng.permutation(n) if self.shuffle else np.arange(n)
@@ -185,12 +203,13 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
             idx = np.flatnonzero(self.labels == cls)
             if self.shuffle:
                 idx = rng.permutation(idx)
+            size = self.group_size
             if self.drop_last:
-                idx = idx[: len(idx) // self.mini_group * self.mini_group]
+                idx = idx[: len(idx) // size * size]
             else:
-                idx = np.resize(idx, math.ceil(len(idx) / self.mini_group) * self.mini_group)
-            groups.extend(idx.reshape(-1, self.mini_group))
-        groups_arr = np.stack(groups) if groups else np.zeros((0, self.mini_group), dtype=np.int64)
+                idx = np.resize(idx, math.ceil(len(idx) / size) * size)
+            groups.extend(idx.reshape(-1, size))
+        groups_arr = np.stack(groups) if groups else np.zeros((0, self.group_size), dtype=np.int64)
         if self.shuffle:
             groups_arr = groups_arr[rng.permutation(len(groups_arr))]
         return groups_arr

@@ -393,7 +393,7 @@ class SyntheticPartsDataModule(PartDataModule):
         image_size: Side S of the images.
         num_categories: Number of object categories sharing the 6 part types.
         seed: Seed of the generated data and of the training order.
-        batch_size: Training images per batch and per process; a multiple of ``mini_group``.
+        batch_size: Training images per batch and per process; a multiple of ``mini_group`` when it is larger.
         mini_group: Chunk size of the mini-group presence loss.
         eval_batch_size: Images per batch for validation, test and predict.
         num_workers: DataLoader worker processes.
