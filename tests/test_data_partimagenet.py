@@ -148,6 +148,22 @@ def test_label_map_background_channel_argmax():
     np.testing.assert_array_equal(out, expected)
 
 
+def test_label_map_sums_instances_of_a_category_like_the_authors():
+    # Two overlapping part-1 instances over one part-0 instance: the authors add masks per category
+    # (mask[cat] += m), so part 1 counts 2 where its instances overlap and beats part 0 (count 1);
+    # where only one part-1 instance covers part 0 the tie goes to the lower id, 0.
+    anns = [
+        (0, [rect(0, 0, 6, 6)], None),
+        (1, [rect(0, 0, 4, 6)], None),
+        (1, [rect(2, 0, 6, 6)], None),
+    ]
+    out = part_label_map(anns, 6, 8, num_parts=3).numpy()
+    expected = np.full((6, 8), 3)
+    expected[:, 0:6] = 0
+    expected[:, 2:4] = 1
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_train_items(data_partimagenet):
     root, variant = data_partimagenet
     dm = _dm(root, variant)

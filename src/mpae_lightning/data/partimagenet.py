@@ -8,10 +8,11 @@ Layouts, as the datasets ship:
   ``prepare_partimagenet_ood.py``): ``train_train.json`` / ``train_test.json`` next to the
   ``train/`` image folder, with file names ``<wnid>/<wnid>_<n>.JPEG``.
 
-Ground-truth mask of an image: the union mask of every part category (crowd and zero-area
-annotations skipped), a constant 0.1 background channel appended, argmax over the channels (so
-where categories overlap the lowest category id wins, and uncovered pixels are background), then a
-nearest resize to ``mask_size``². Labels are the part categories in increasing COCO id order and
+Ground-truth mask of an image, as the authors' loaders build it: per part category the SUM of its
+annotations' masks (crowd and zero-area annotations skipped; two overlapping instances of a
+category count 2 where they overlap), a constant 0.1 background channel appended, argmax over the
+channels (the category with most covering instances wins, ties go to the lowest category id, and
+uncovered pixels are background), then a nearest resize to ``mask_size``². Labels are the part categories in increasing COCO id order and
 the background is the last label (id = number of part categories). As in PDiscoFormer's loader,
 images without any annotation are left out of a split, and a polygon with only two points is
 replaced by its annotation's bounding box.
@@ -74,7 +75,7 @@ def rasterize_segmentation(segmentation: Any, bbox: Any, height: int, width: int
 def part_label_map(
     annotations: list[tuple[int, Any, Any]], height: int, width: int, num_parts: int, mask_size: int | None = None
 ) -> torch.Tensor:
-    """Ground-truth part labels: per-category union, 0.1 background channel, argmax, nearest resize.
+    """Ground-truth part labels: per-category sum of masks, 0.1 background channel, argmax, nearest resize.
 
     Args:
         annotations: ``(part index, segmentation, bbox)`` triples of one image; part indices are
@@ -87,14 +88,23 @@ def part_label_map(
     Returns:
         (mask_size, mask_size) (or (H, W)) long tensor.
     """
-    union: dict[int, np.ndarray] = {}
+    # The authors add each annotation's mask into its category's channel (mask[cat] += m), so where
+    # instances overlap a category can outvote another; only categories present need a channel.
+    counts: dict[int, np.ndarray] = {}
     for part, segm, bbox in annotations:
         m = rasterize_segmentation(segm, bbox, height, width)
-        union[part] = union[part] | m if part in union else m
+        if part in counts:
+            counts[part] += m
+        else:
+            counts[part] = m.astype(np.int32)
     labels = np.full((height, width), num_parts, dtype=np.int64)
-    # argmax over [union_0, ..., union_{C-1}, 0.1] picks the lowest covering category: paint high ids first.
-    for part in sorted(union, reverse=True):
-        labels[union[part]] = part
+    if counts:
+        parts = sorted(counts)
+        stack = np.stack([counts[p] for p in parts])
+        # argmax over [count_0, ..., count_{C-1}, 0.1]: a count >= 1 beats the background, ties go to the lowest id.
+        best = stack.argmax(axis=0)
+        covered = stack.max(axis=0) > 0
+        labels[covered] = np.asarray(parts, dtype=np.int64)[best[covered]]
     out = torch.from_numpy(labels)
     if mask_size is not None:
         out = F.interpolate(out[None, None].float(), size=(mask_size, mask_size), mode="nearest")[0, 0].long()
