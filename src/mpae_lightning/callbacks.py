@@ -1,4 +1,4 @@
-"""Callbacks: write predicted part maps to disk."""
+"""Callbacks: a part-map picture every validation epoch, and predicted part maps written to disk."""
 from __future__ import annotations
 
 import os
@@ -6,11 +6,106 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from PIL import Image
 
-from .visualize import denormalize, overlay, save_label_png
+from .visualize import denormalize, overlay, part_grid, save_grid, save_label_png
+
+
+class PartVisualization(Callback):
+    """Draw the first validation images with their parts every validation epoch.
+
+    The grid (image | overlay | part map | ground truth | restored) goes to every logger
+    whose ``experiment`` has ``add_image`` (TensorBoard) under ``val/parts``; when no logger
+    can show images (CSV logger, no logger) it is written as a PNG file instead. Only global
+    rank 0 draws; sanity-check validation is skipped.
+
+    Args:
+        num_images: images in the grid (0 turns the callback off).
+        every_n_epochs: draw on every n-th validation epoch.
+        tile: side of each tile in pixels.
+        dirpath: folder for the PNG fallback (default: ``<log_dir>/images``, or
+            ``<default_root_dir>/images`` without a logger).
+    """
+
+    def __init__(self, num_images: int = 8, every_n_epochs: int = 1, tile: int = 128, dirpath: str | None = None) -> None:
+        super().__init__()
+        if num_images < 0 or every_n_epochs < 1 or tile < 8:
+            raise ValueError(
+                f"PartVisualization needs num_images >= 0, every_n_epochs >= 1 and tile >= 8, "
+                f"got {num_images}, {every_n_epochs}, {tile}"
+            )
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self.tile = tile
+        self.dirpath = dirpath
+        self._batch: dict[str, Any] | None = None
+
+    @torch.no_grad()
+    def render(self, pl_module: LightningModule, batch: dict[str, Any], datamodule: Any = None) -> np.ndarray:
+        """The grid of the first ``num_images`` of ``batch`` as (H, W, 3) uint8 RGB.
+
+        ``pl_module`` must provide ``validation_outputs(images, index)`` and ``model`` (as
+        :class:`~mpae_lightning.MPAEModule` does); ``datamodule`` supplies the ground-truth
+        label count, if it has masks.
+        """
+        n = self.num_images
+        images = batch["image"][:n]
+        out = pl_module.validation_outputs(images, batch["index"][:n])
+        mask = batch.get("mask")
+        return part_grid(
+            images,
+            pl_module.model.part_probabilities(out.logits),
+            restored=out.restored,
+            ground_truth=mask[:n] if mask is not None else None,
+            num_gt_labels=getattr(datamodule, "num_mask_labels", None) or None,
+            tile=self.tile,
+        )
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if (
+            batch_idx != 0
+            or dataloader_idx != 0
+            or self.num_images == 0
+            or trainer.sanity_checking
+            or not trainer.is_global_zero
+            or trainer.current_epoch % self.every_n_epochs != 0
+        ):
+            return
+        n = self.num_images
+        self._batch = {k: v[:n].detach() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        self.log_grid(trainer, self.render(pl_module, batch, getattr(trainer, "datamodule", None)))
+
+    def log_grid(self, trainer: Trainer, grid: np.ndarray, tag: str = "val/parts") -> list[str]:
+        """Send ``grid`` to the loggers that show images, else write a PNG; returns where it went."""
+        sent = []
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if experiment is not None and hasattr(experiment, "add_image"):
+                experiment.add_image(tag, grid, trainer.global_step, dataformats="HWC")
+                sent.append(type(logger).__name__)
+        if sent:
+            return sent
+        folder = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "images"))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{tag.replace('/', '_')}_epoch={trainer.current_epoch:03d}_step={trainer.global_step:06d}.png"
+        save_grid(path, grid)
+        return [str(path)]
 
 
 class PartPredictionWriter(BasePredictionWriter):

@@ -7,7 +7,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import PartPredictionWriter
+from .callbacks import PartPredictionWriter, PartVisualization
 from .data.base import DatasetFormatError, ImageReadError, PartDataModule
 from .lightning_module import MPAEModule
 from .models.weights import WeightsUnavailableError
@@ -42,6 +42,7 @@ class MPAECLI(LightningCLI):
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size", apply_on="parse")
         parser.link_arguments("data.init_args.mini_group", "model.init_args.mini_group", apply_on="parse")
         parser.add_lightning_class_args(PartPredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(PartVisualization, "visualization")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Trainer
 
 from .baselines import KMeansParts
+from .callbacks import PartVisualization
 from .cli import MPAECLI
 from .lightning_module import MPAEModule
 from .metrics import KeypointPartMetrics, MaskPartMetrics
-from .visualize import part_grid, save_grid
+from .visualize import save_grid
 
 
 def _split_scores(logged: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -67,15 +67,10 @@ def evaluate_kmeans(module: MPAEModule, datamodule: Any, max_fit_images: int = 2
     }
 
 
-@torch.no_grad()
 def write_grid(module: MPAEModule, datamodule: Any, path: Path, num_images: int = 8) -> None:
+    """The validation picture of the first test images, written to ``path``."""
     batch = next(iter(datamodule.test_dataloader()))
-    images = batch["image"][:num_images]
-    out = module.model.compute_losses(images, noise=module._fixed_noise(batch["index"][:num_images]))
-    probs = module.model.part_probabilities(out.logits)
-    grid = part_grid(images, probs, restored=out.restored, ground_truth=batch["mask"][:num_images],
-                     num_gt_labels=datamodule.num_mask_labels)
-    save_grid(path, grid)
+    save_grid(path, PartVisualization(num_images=num_images).render(module, batch, datamodule))
 
 
 def run_demo(config: str, out: str, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from torch import nn
 
 from .metrics import KeypointPartMetrics, MaskPartMetrics
 from .models import DEFAULT_BACKBONE, MPAE, is_official_state_dict, load_official_state_dict
+from .models import MPAEOutput
 from .models.weights import load_state_dict_file
-from .visualize import part_grid
 
 #: Scalars logged every training step (each unweighted, plus the weighted total).
 LOGGED_LOSSES = (
@@ -68,7 +68,6 @@ class MPAEModule(LightningModule):
         gamma: MultiStepLR factor.
         weights: initial weights: an authors' ``.pth`` (e.g. ``CUB_K16.pth``) or one of our
             Lightning ``.ckpt`` files; detected from the keys.
-        num_visualize: images shown in the TensorBoard grid every validation epoch.
     """
 
     def __init__(
@@ -102,7 +101,6 @@ class MPAEModule(LightningModule):
         milestones: list[int] | None = None,
         gamma: float = 0.2,
         weights: str | None = None,
-        num_visualize: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -116,7 +114,6 @@ class MPAEModule(LightningModule):
         if state is not None:
             self._load_initial_weights(state, weights)
         self.metrics = nn.ModuleDict()
-        self._vis_batch: dict[str, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- weights
     @staticmethod
@@ -219,15 +216,17 @@ class MPAEModule(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # One pass gives both: losses (masking noise fixed by the sample index, so validation
         # curves are comparable) and the part map scored by the metrics.
-        out = self.model.compute_losses(batch["image"], noise=self._fixed_noise(batch["index"]))
+        out = self.validation_outputs(batch["image"], batch["index"])
         self._update_metrics(batch, "val", self.model.part_probabilities(out.logits))
         self._log_losses("val", out.losses, batch["image"].shape[0], on_step=False)
-        if batch_idx == 0 and self._vis_batch is None and self.hparams.num_visualize > 0:
-            n = self.hparams.num_visualize
-            self._vis_batch = {k: v[:n].detach() for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._update_metrics(batch, "test", self.model.predict_parts(batch["image"]))
+
+    def validation_outputs(self, images: torch.Tensor, index: torch.Tensor) -> MPAEOutput:
+        """Losses, part logits and restored images with the masking noise fixed by each sample's
+        dataset index, so validation losses and pictures are comparable across epochs."""
+        return self.model.compute_losses(images, noise=self._fixed_noise(index))
 
     def _fixed_noise(self, index: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -238,9 +237,6 @@ class MPAEModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
-        if self._vis_batch is not None:
-            self._log_visualization(self._vis_batch)
-            self._vis_batch = None
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
@@ -264,17 +260,6 @@ class MPAEModule(LightningModule):
             # Identical on every rank already, so no further reduction.
             self.log(f"{stage}/{name}", value, prog_bar=name in ("nmi", "ari"), sync_dist=False)
         return results
-
-    @torch.no_grad()
-    def _log_visualization(self, batch: dict[str, torch.Tensor]) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image") or self.global_rank != 0:
-            return
-        images = batch["image"]
-        out = self.model.compute_losses(images, noise=self._fixed_noise(batch["index"]))
-        grid = part_grid(images, self.model.part_probabilities(out.logits), restored=out.restored, ground_truth=batch.get("mask"),
-                         num_gt_labels=getattr(self.trainer.datamodule, "num_mask_labels", None) or None)
-        experiment.add_image("val/parts", grid, self.global_step, dataformats="HWC")
 
     # -------------------------------------------------------------- prediction
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
