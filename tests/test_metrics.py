@@ -240,14 +240,14 @@ def test_keypoint_part_labels_on_quadrants():
     keypoints = torch.tensor([[[16.0, 16.0], [48.0, 16.0], [16.0, 48.0], [48.0, 48.0], [1.0, 1.0], [64.0, 64.0]]])
     visible = torch.tensor([[True, True, True, True, False, True]])
     out = keypoint_part_labels(probs, keypoints, visible, image_size=64)
-    assert out["pred"].tolist() == [0, 1, 2, 4, 4]
-    assert out["fg_pred"].tolist() == [0, 1, 2, 3, 3]
+    assert out["pred"].tolist() == [0, 1, 2, 4, 0]  # (64, 64) is outside the map: zero padding, label 0
+    assert out["fg_pred"].tolist() == [0, 1, 2, 3, 0]
     assert out["target"].tolist() == [0, 1, 2, 3, 5]
     assert all(v.dtype == torch.long for v in out.values())
     # (height, width) form and visible=None (all keypoints, e.g. CelebA)
     out = keypoint_part_labels(probs, keypoints, None, image_size=(64, 64))
     assert out["target"].tolist() == [0, 1, 2, 3, 4, 5]
-    assert out["pred"].tolist() == [0, 1, 2, 4, 0, 4]
+    assert out["pred"].tolist() == [0, 1, 2, 4, 0, 0]
     # a missing keypoint stored as NaN is harmless when invisible
     nan_kp = torch.cat([keypoints, torch.full((1, 1, 2), float("nan"))], dim=1)
     out = keypoint_part_labels(probs, nan_kp, torch.cat([visible, torch.tensor([[False]])], 1), 64)
@@ -255,6 +255,20 @@ def test_keypoint_part_labels_on_quadrants():
     # a rectangular input: x is normalised by the width, y by the height
     rect = keypoint_part_labels(probs, torch.tensor([[[100.0, 10.0]]]), None, image_size=(32, 128))
     assert rect["pred"].tolist() == [1]
+
+
+def test_keypoint_on_the_right_or_bottom_border_reads_label_0_like_the_authors():
+    # The authors read the map with grid_sample's zero padding: x = W or y = H maps past the last
+    # pixel of an even-sized map, the sampled vector is all zeros and its argmax is label 0.
+    probs = torch.full((1, 4, 8, 8), 0.1)
+    probs[0, 2] = 0.9  # foreground part 2 everywhere
+    keypoints = torch.tensor([[[64.0, 20.0], [20.0, 48.0], [40.0, 48.0], [63.9, 47.9], [0.0, 0.0], [64.0, 48.0]]])
+    out = keypoint_part_labels(probs, keypoints, None, image_size=(48, 64))  # (height, width)
+    assert out["pred"].tolist() == [0, 0, 0, 2, 2, 0]
+    assert out["fg_pred"].tolist() == [0, 0, 0, 2, 2, 0]
+    # float64 maps read the same pixels
+    out64 = keypoint_part_labels(probs.double(), keypoints, None, image_size=(48, 64))
+    assert out64["pred"].tolist() == [0, 0, 0, 2, 2, 0]
 
 
 def test_keypoint_part_labels_nearest_pixel():

@@ -1,7 +1,7 @@
 """The evaluation protocol of MPAE (spec section 6) on top of the contingency metrics.
 
 * Keypoint mode (CUB, CelebA): the part map is read at each keypoint by nearest
-  sampling; the predicted label is the argmax over all K+1 channels ("NMI/ARI")
+  sampling with zero padding (a keypoint on the right/bottom border reads label 0); the predicted label is the argmax over all K+1 channels ("NMI/ARI")
   and over the K foreground channels ("FG-NMI/FG-ARI"); the true label is the
   keypoint index.
 * Mask mode (PartImageNet): every pixel, argmax over K+1 against the mask label.
@@ -54,10 +54,12 @@ def keypoint_part_labels(
 ) -> dict[str, Tensor]:
     """Predicted part labels at the keypoints, as the authors' ``validate_CUB``.
 
-    Each keypoint ``(x, y)`` is normalised by the input image size to [-1, 1]
-    and the map is read with ``grid_sample(mode="nearest", align_corners=False)``.
-    Unlike the authors (zero padding) a keypoint exactly on the right or bottom
-    image border reads the border pixel instead of an all-zero vector.
+    Each keypoint ``(x, y)`` is divided by the input image's width and height (in
+    float64), mapped to [-1, 1] and rounded to float32, and the map is read with
+    ``grid_sample(mode="nearest", padding_mode="zeros", align_corners=False)``, all
+    as the authors' evaluation does. So a keypoint exactly on the right or bottom
+    border (x = W or y = H) falls outside an even-sized map and reads an all-zero
+    vector, whose argmax is label 0; the paper's numbers include such keypoints.
 
     Args:
         part_probs: ``(B, K+1, H, W)`` part probabilities (or logits), background last.
@@ -85,8 +87,9 @@ def keypoint_part_labels(
     # Missing keypoints are sometimes stored as NaN; read anything there, it is masked out.
     points = torch.nan_to_num(points, nan=0.0, posinf=0.0, neginf=0.0)
     size = torch.tensor([width, height], dtype=torch.float64, device=points.device)
-    grid = ((points / size) * 2 - 1).to(maps.dtype).unsqueeze(2)  # (B, P, 1, 2)
-    sampled = F.grid_sample(maps, grid, mode="nearest", padding_mode="border", align_corners=False)
+    # The authors build the grid in float64 and cast it to float32 (float64 maps get the same grid values).
+    grid = ((points / size) * 2 - 1).float().to(maps.dtype).unsqueeze(2)  # (B, P, 1, 2)
+    sampled = F.grid_sample(maps, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     sampled = sampled.squeeze(3)  # (B, K+1, P)
     pred = sampled.argmax(dim=1)
     fg_pred = sampled[:, :-1].argmax(dim=1)
