@@ -12,6 +12,8 @@ from mpae_lightning.data import (
     CUBDataModule,
     ImageFolderDataModule,
     ImageReadError,
+    ImageRecord,
+    ImageRecordDataset,
     PartImageNetDataModule,
     SyntheticPartsDataModule,
     load_rgb,
@@ -193,3 +195,28 @@ def test_guard_with_a_real_multi_process_trainer():
     sampler = dm.train_dataloader().batch_sampler
     assert (sampler.num_replicas, sampler.rank, len(sampler)) == (2, 0, 2)
     assert len(dm.test_dataloader().sampler) == 4
+
+
+@pytest.mark.parametrize("orientation, size", [(1, (40, 20)), (3, (40, 20)), (6, (20, 40)), (8, (20, 40))])
+def test_exif_orientation_applied_and_keypoints_scaled_from_the_oriented_size(tmp_path, orientation, size):
+    # cv2.imread (the authors' loader) applies a JPEG's EXIF orientation; PIL does not unless asked.
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)  # stored left half red
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "oriented.jpg"
+    Image.fromarray(stored).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    img = load_rgb(str(path))
+    assert img.size == size
+    shown = np.asarray(img).astype(int)
+    red = shown[..., 0] > 128
+    # where the stored left half ends up once displayed
+    expected = {1: (slice(None), slice(0, 16)), 3: (slice(None), slice(24, 40)),
+                6: (slice(0, 16), slice(None)), 8: (slice(24, 40), slice(None))}[orientation]
+    assert red[expected].all() and red.sum() < 0.6 * red.size
+
+    record = ImageRecord(path=str(path), keypoints=np.array([[10.0, 10.0], [20.0, 20.0]]))
+    item = ImageRecordDataset([record], image_size=16)[0]
+    width, height = size
+    expected_kp = torch.tensor([[10.0 * 16 / width, 10.0 * 16 / height], [20.0 * 16 / width, 20.0 * 16 / height]])
+    assert torch.allclose(item["keypoints"], expected_kp)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .samplers import EvalShardSampler, MiniGroupBatchSampler, check_mini_group
@@ -39,8 +39,15 @@ class ImageReadError(OSError):
     """An image file exists but cannot be decoded."""
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image as 3-channel RGB (grayscale, CMYK, RGBA and palette images included).
+
+    An EXIF orientation tag is applied (``ImageOps.exif_transpose``), as ``cv2.imread`` in the
+    authors' loaders does, so the returned size is the oriented one and annotations given for the
+    displayed image (keypoints) line up with it.
 
     Args:
         path: Image file.
@@ -52,6 +59,8 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
