@@ -1,4 +1,4 @@
-"""Each MPAE loss term on hand-made inputs whose value is known (MPAE_SPEC.md section 2)."""
+"""Each MPAE loss term on hand-made inputs whose value is known (docs/method.md §3)."""
 from __future__ import annotations
 
 import math
@@ -217,7 +217,7 @@ def test_total_variation_magnitude_of_jump_counts():
 
 
 def _manual_arcface(similarity, features, descriptors, s=20.0, m=0.5, threshold=1e-3):
-    """Per-entry loop over (b, j) in double precision, straight from the spec."""
+    """Per-entry loop over (b, j) in double precision, straight from docs/method.md §3.5."""
     similarity, features, descriptors = similarity.double(), features.double(), descriptors.double()
     b, parts, h, w = similarity.shape
     k = parts - 1

@@ -82,7 +82,7 @@ def test_random_masking_keeps_lowest_noise_patches():
 def test_random_masking_keeps_int_of_l_times_one_minus_ratio(num_patches, ratio):
     noise = torch.rand(3, num_patches, generator=torch.Generator().manual_seed(num_patches))
     ids_keep, masked = random_masking_ids(noise, ratio)
-    n_keep = int(num_patches * (1 - ratio))  # 256, 0.9 -> 25 (the spec's example)
+    n_keep = int(num_patches * (1 - ratio))  # 256, 0.9 -> 25 (docs/method.md §2.6)
     assert ids_keep.shape == (3, n_keep)
     assert (~masked).sum(dim=1).tolist() == [n_keep] * 3
     # kept = exactly the n_keep smallest noise values of each row

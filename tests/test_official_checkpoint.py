@@ -1,4 +1,4 @@
-"""Loading the authors' released checkpoints (MPAE_SPEC.md section 8) into MPAE."""
+"""Loading the authors' released checkpoints (docs/method.md §5) into MPAE."""
 from __future__ import annotations
 
 import socket
@@ -85,11 +85,11 @@ def test_module_prefixed_state_dict_gives_the_reference_model(fixture, reference
     assert torch.equal(model.descriptor_vit.blocks[1].attn.in_proj_weight, qkv)
 
 
-# Where spec section 8 puts each official key, written independently of the loader's own tables.
+# Where docs/method.md §5 puts each official key, written independently of the loader's own tables.
 _UNUSED_KEYS = {"Decoder.cls_token", "Decoder.mask_token", "ArcMarginProduct.weight"}
 
 
-def _spec_location(model: MPAE, key: str) -> torch.Tensor:
+def _documented_location(model: MPAE, key: str) -> torch.Tensor:
     parts = key.split(".")
     d, r = model.descriptor_vit, model.restorer
     leaf = parts[-1]
@@ -133,8 +133,8 @@ def _spec_location(model: MPAE, key: str) -> torch.Tensor:
     return getattr(module, leaf)
 
 
-def test_every_official_key_lands_where_the_spec_says(fixture):
-    """With every tensor replaced by distinct random values, each one must arrive at its spec location."""
+def test_every_official_key_lands_where_the_docs_say(fixture):
+    """With every tensor replaced by distinct random values, each one must arrive at its documented location."""
     generator = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=generator) for k, v in fixture["state_dict"].items()}
     model = load_official_checkpoint(_prefixed(state), **FIXTURE_KWARGS, vgg_features=_stub_vgg())
@@ -142,7 +142,7 @@ def test_every_official_key_lands_where_the_spec_says(fixture):
     for key, value in state.items():
         if key in _UNUSED_KEYS:
             continue
-        target = _spec_location(model, key)
+        target = _documented_location(model, key)
         assert torch.equal(target.detach().reshape(value.shape), value), key
         covered.add(id(target))
     own = list(model.parameters()) + [b for n, b in model.named_buffers() if n.startswith("restorer.")]

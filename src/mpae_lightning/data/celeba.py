@@ -1,4 +1,4 @@
-"""Unaligned ("wild") CelebA with the paper's landmark split lists (spec section 5)."""
+"""Unaligned ("wild") CelebA with the paper's landmark split lists (docs/defaults.md §6.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CUB-200-2011 read from the folder as it ships (spec section 5)."""
+"""CUB-200-2011 read from the folder as it ships (docs/defaults.md §6.1)."""
 
 from __future__ import annotations
 

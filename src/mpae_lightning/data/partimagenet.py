@@ -1,4 +1,4 @@
-"""PartImageNet (OOD and Seg variants) with ground-truth part masks (spec section 5).
+"""PartImageNet (OOD and Seg variants) with ground-truth part masks (docs/defaults.md §6.3–6.4, docs/evaluation.md §3).
 
 Layouts, as the datasets ship:
 

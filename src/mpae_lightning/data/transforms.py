@@ -1,4 +1,4 @@
-"""Image transforms of the paper (spec section 4), built on ``torchvision.transforms.v2``.
+"""Image transforms of the paper (docs/defaults.md §3), built on ``torchvision.transforms.v2``.
 
 Training: resize the shorter side to S, horizontal flip (p=0.5), random affine (rotation ±15°,
 translation ±5 %, scale 0.95-1.05), random crop S×S, ImageNet normalisation. (The authors'

@@ -1,4 +1,4 @@
-"""MPAE's loss terms, one module each (see MPAE_SPEC.md section 2)."""
+"""MPAE's loss terms, one module each (formulas in docs/method.md §3)."""
 from .distribution import EntropyLoss, TotalVariationLoss
 from .presence import BackgroundPresenceLoss, MiniGroupPresenceLoss
 from .restoration import RestorationLoss

@@ -1,4 +1,4 @@
-"""The evaluation protocol of MPAE (spec section 6) on top of the contingency metrics.
+"""The evaluation protocol of MPAE (docs/evaluation.md §2–3) on top of the contingency metrics.
 
 * Keypoint mode (CUB, CelebA): the part map is read at each keypoint by nearest
   sampling with zero padding (a keypoint on the right/bottom border reads label 0); the predicted label is the argmax over all K+1 channels ("NMI/ARI")
@@ -230,7 +230,7 @@ class _PartEvaluation(Metric):
 
 
 class KeypointPartMetrics(_PartEvaluation):
-    """Keypoint-mode NMI/ARI of spec section 6, in percent.
+    """Keypoint-mode NMI/ARI (docs/evaluation.md §2), in percent.
 
     ``compute()`` returns a dict of 0-d float64 tensors: ``nmi``, ``ari`` (argmax
     over all K+1 channels), ``fg_nmi``, ``fg_ari`` (argmax over the K foreground
@@ -285,7 +285,7 @@ class KeypointPartMetrics(_PartEvaluation):
 
 
 class MaskPartMetrics(_PartEvaluation):
-    """Mask-mode NMI/ARI of spec section 6 (every pixel), in percent.
+    """Mask-mode NMI/ARI (docs/evaluation.md §3; every pixel), in percent.
 
     ``compute()`` returns a dict of 0-d float64 tensors: ``nmi``, ``ari`` (x100)
     and ``parts_per_image`` (see :class:`PartCount`).

@@ -61,7 +61,7 @@ class MPAE(nn.Module):
     A frozen ViT gives patch tokens, projected to a feature map F. A trainable ViT over
     pixels gives K+1 part descriptors D; P = softmax_k <D_k, F> is the part map and
     R = sum_k P_k D_k fills every masked patch of a masked autoencoder, which must
-    restore the image. See ``MPAE_SPEC.md`` for every term.
+    restore the image. ``docs/method.md`` describes every step and loss term.
 
     Args:
         num_parts: K, the number of foreground parts (background is added).
