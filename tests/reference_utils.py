@@ -43,11 +43,13 @@ def formula_vgg19_features() -> nn.Sequential:
     return features
 
 
-def mpae_from_reference(fixture: dict, **overrides):
+def mpae_from_reference(fixture: dict, dtype: torch.dtype = torch.float32, **overrides):
     """Build an :class:`MPAE` from a reference fixture's ``config`` and load its weights.
 
     Nothing is hard-coded: sizes come from ``config``, the token width from
     ``inputs.backbone_tokens`` and the patch size from the descriptor ViT's patch kernel.
+    With ``dtype=torch.float64`` the model (formula VGG included) is cast before the
+    float32 weights are copied in, which is exact.
     """
     from mpae_lightning.models import MPAE, load_official_state_dict
 
@@ -81,9 +83,14 @@ def mpae_from_reference(fixture: dict, **overrides):
     kwargs.update(overrides)
     if "vgg_features" not in kwargs and "vgg_weights" not in kwargs:
         kwargs["vgg_features"] = formula_vgg19_features()  # built only when needed: ~3 s
-    model = MPAE(**kwargs)
+    model = MPAE(**kwargs).to(dtype)
     load_official_state_dict(model, fixture["state_dict"])
     return model
+
+
+def reference_inputs(fixture: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The fixture's inputs cast to ``dtype`` (float32 -> float64 is exact)."""
+    return {k: v.to(dtype) for k, v in fixture["inputs"].items()}
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:

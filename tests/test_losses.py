@@ -395,3 +395,47 @@ def test_restoration_gradients_flow_to_restored_only():
     assert torch.allclose(restored.grad, expected, rtol=1e-5, atol=1e-7)
     # The target only receives the pixel L1's gradient: the VGG part of the target has no graph.
     assert torch.allclose(target.grad, -0.1 * sign / n, rtol=1e-5, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- precision of the upcast terms
+
+
+def test_at_least_float32_upcasts_half_only():
+    from mpae_lightning.losses.precision import at_least_float32
+
+    for dtype, expected in [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        assert at_least_float32(torch.ones(2, dtype=dtype)).dtype == expected, dtype
+
+
+def _loss_terms(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every loss term that upcasts for mixed precision, on the same random maps cast to ``dtype``."""
+    gen = torch.Generator().manual_seed(0)
+    similarity = torch.randn(4, 4, 6, 6, generator=gen, dtype=torch.float64).softmax(dim=1)
+    features = torch.randn(4, 8, 6, 6, generator=gen, dtype=torch.float64)
+    descriptors = torch.randn(4, 4, 8, generator=gen, dtype=torch.float64)
+    restored, target = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64).unbind(0)
+    s, f, d, r, t = (x.to(dtype) for x in (similarity, features, descriptors, restored[None], target[None]))
+    return {
+        "presence_background": BackgroundPresenceLoss()(s),
+        "semantic": ArcFaceSemanticLoss()(s, f, d),
+        "perceptual": RestorationLoss(ScaledTaps())(r, t)["perceptual"],
+        "perceptual_terms": RestorationLoss(ScaledTaps())(r, t)["perceptual_terms"],
+    }
+
+
+def test_upcast_losses_keep_float64_in_float64():
+    """A float64 model must get float64 losses: a float32 cast would cap agreement with float64 code at ~1e-8."""
+    ours = _loss_terms(torch.float64)
+    for name, value in ours.items():
+        assert value.dtype == torch.float64, name
+    # Spot-check the values against direct float64 formulas.
+    gen = torch.Generator().manual_seed(0)
+    similarity = torch.randn(4, 4, 6, 6, generator=gen, dtype=torch.float64).softmax(dim=1)
+    assert ours["presence_background"].item() == pytest.approx(_radial_peak_bce(similarity[:, -1]), rel=1e-14)
+
+
+def test_upcast_losses_compute_half_precision_in_float32():
+    for dtype in (torch.bfloat16, torch.float16):
+        for name, value in _loss_terms(dtype).items():
+            assert value.dtype == torch.float32, (dtype, name)

@@ -462,3 +462,75 @@ def test_vgg_from_local_files(tmp_path):
         for key, value in own.items():
             assert torch.equal(value, features[key]), (name, key)
         assert not vgg.training and all(not p.requires_grad for p in vgg.parameters())
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def test_float32_layernorm_keeps_float64_and_upcasts_half():
+    """CLIP's float32 LayerNorm must not break (or downcast) a float64 model, and must still protect bf16."""
+    from mpae_lightning.models.descriptor_vit import Float32LayerNorm
+
+    torch.manual_seed(0)
+    norm = Float32LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 5, 16, dtype=torch.float64) * 100 + 1000
+    norm64 = Float32LayerNorm(16).double()
+    norm64.load_state_dict(norm.state_dict())
+    out = norm64(x)
+    assert out.dtype == torch.float64
+    expected = torch.nn.functional.layer_norm(x, (16,), norm.weight.double(), norm.bias.double(), 1e-5)
+    assert torch.allclose(out, expected, rtol=1e-14, atol=1e-13)
+    xb = x.to(torch.bfloat16)
+    out_b = norm(xb)
+    assert out_b.dtype == torch.bfloat16
+    expected_b = torch.nn.functional.layer_norm(xb.float(), (16,), norm.weight, norm.bias, 1e-5).to(torch.bfloat16)
+    assert torch.equal(out_b, expected_b)
+    # A module cast to bf16 entirely still normalises in float32 (its weights are upcast, not the reverse).
+    norm_b = Float32LayerNorm(16).bfloat16()
+    norm_b.load_state_dict(norm.state_dict())
+    expected_bb = torch.nn.functional.layer_norm(
+        xb.float(), (16,), norm_b.weight.float(), norm_b.bias.float(), 1e-5
+    ).to(torch.bfloat16)
+    assert torch.equal(norm_b(xb), expected_bb)
+
+
+def test_tiny_model_runs_in_float64(images):
+    """The whole model (losses, gradients, eval map) runs in float64 when cast with .double()."""
+    torch.manual_seed(0)
+    model = MPAE(**TINY).double().train()
+    out = model.compute_losses(images.double())
+    for name, value in out.losses.items():
+        assert value.dtype == torch.float64, name
+    out.total.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float64 for p in model.parameters())
+    assert model.feature_proj.weight.grad is not None
+    with torch.no_grad():
+        assert model.eval().predict_parts(images.double()).dtype == torch.float64
+
+
+def test_descriptor_attention_is_multihead_attention_with_a_fused_kernel():
+    """Same keys as nn.MultiheadAttention (the authors' checkpoints) and the same function (float64: ~1e-16)."""
+    from mpae_lightning.models.descriptor_vit import DescriptorAttention, DescriptorBlock
+
+    torch.manual_seed(0)
+    reference = torch.nn.MultiheadAttention(32, 4, batch_first=True).double()
+    with torch.no_grad():
+        reference.in_proj_bias.normal_()
+        reference.out_proj.bias.normal_()
+    ours = DescriptorAttention(32, 4).double()
+    ours.load_state_dict(reference.state_dict())  # strict: identical key names and shapes
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    expected, expected_weights = reference(x, x, x, need_weights=True)
+    out, weights = ours(x, return_weights=True)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-13)
+    assert torch.allclose(weights, expected_weights, rtol=0, atol=1e-13)
+    assert ours(x)[1] is None  # no maps unless asked
+    block = DescriptorBlock(32, 4).double()
+    block.keep_attention = True
+    block(x)
+    assert block.attention_maps.shape == (3, 7, 7)
+    with pytest.raises(ValueError, match="descriptor_width=30 is not divisible by descriptor_heads=4"):
+        DescriptorAttention(30, 4)

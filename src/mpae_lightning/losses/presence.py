@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import at_least_float32
+
 
 def pooled_part_peaks(similarity: torch.Tensor) -> torch.Tensor:
     """3x3 average pooling (stride 1, no padding) so a single-pixel spike cannot fake presence."""
@@ -24,7 +26,7 @@ class BackgroundPresenceLoss(nn.Module):
         peaks = (pooled * radius).flatten(1).amax(dim=1)
         # BCE against 1 is -log(p) with PyTorch's clamp of the log at -100; written out because
         # F.binary_cross_entropy refuses to run under autocast (mixed precision).
-        return -peaks.float().log().clamp_min(-100).mean()
+        return -at_least_float32(peaks).log().clamp_min(-100).mean()
 
 
 class MiniGroupPresenceLoss(nn.Module):

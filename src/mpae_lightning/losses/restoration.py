@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .precision import at_least_float32
+
 DEFAULT_LAYER_WEIGHTS = (5 / 32, 5 / 16, 5 / 8, 5 / 4, 5.0)
 
 
@@ -35,8 +37,8 @@ class RestorationLoss(nn.Module):
         with torch.no_grad():
             target_taps = self.features(target)
         restored_taps = self.features(restored)
-        terms = torch.stack([(a - b).abs().mean().float() for a, b in zip(restored_taps, target_taps)])
-        perceptual = (terms * self.layer_weights).sum()
+        terms = torch.stack([at_least_float32((a - b).abs().mean()) for a, b in zip(restored_taps, target_taps)])
+        perceptual = (terms * self.layer_weights.to(terms.dtype)).sum()
         return {
             "restoration_l1": l1,
             "perceptual_terms": terms,

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import at_least_float32
+
 
 class ArcFaceSemanticLoss(nn.Module):
     """Additive angular margin (Deng et al., ArcFace, CVPR 2019) between region features and descriptors.
@@ -42,6 +44,6 @@ class ArcFaceSemanticLoss(nn.Module):
         eye = torch.eye(k, dtype=torch.bool, device=cos.device)
         logits = self.s * torch.where(eye, phi, cos)
         target = torch.arange(k, device=cos.device).expand(b, k)
-        per_part = F.cross_entropy(logits.reshape(b * k, k).float(), target.reshape(-1), reduction="none").view(b, k)
+        per_part = F.cross_entropy(at_least_float32(logits.reshape(b * k, k)), target.reshape(-1), reduction="none").view(b, k)
         present = fg.detach().sum(dim=(2, 3)) > self.presence_threshold
         return (per_part * present).mean()

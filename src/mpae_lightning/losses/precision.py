@@ -1,0 +1,17 @@
+"""Upcasting for the few computations MPAE keeps out of half precision."""
+from __future__ import annotations
+
+import torch
+
+#: Floating dtypes too narrow for LayerNorm statistics, logs and cross-entropies.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is half precision (fp16/bf16), otherwise unchanged.
+
+    Why not ``x.float()``: that would also *downcast* a float64 tensor, so a model
+    run in float64 (the parity check against the authors' code) would silently lose
+    precision wherever mixed-precision safety casts sit.
+    """
+    return x.float() if x.dtype in HALF_DTYPES else x
