@@ -69,7 +69,9 @@ def test_batch_size_must_be_multiple_of_a_smaller_mini_group():
     with pytest.raises(ValueError, match=r"batch_size \(20\) must be a multiple of mini_group \(8\)"):
         SyntheticPartsDataModule(batch_size=20, mini_group=8)
     # a mini-group >= the batch is one group per batch (torch.split semantics), as in the supplement's Table 7
-    dm = SyntheticPartsDataModule(num_train=24, num_val=4, num_test=4, batch_size=4, mini_group=6, image_size=32, mask_size=16)
+    dm = SyntheticPartsDataModule(
+        num_train=24, num_val=4, num_test=4, batch_size=4, mini_group=6, image_size=32, mask_size=16
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert len(loader) == 6 and all(b["image"].shape[0] == 4 for b in loader)

@@ -2,12 +2,14 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from mpae_lightning.data import CelebADataModule, DatasetFormatError
 from mpae_lightning.data.celeba import default_celeba_list
+from mpae_lightning.data.transforms import denormalize
 
 # name, (width, height), five (x, y) landmarks in original pixels
 _TRAIN = [
@@ -132,3 +134,75 @@ def test_rgba_and_palette_images(data_celeba_root):
     dm.setup("test")
     assert dm.test_dataset[0]["image"].shape == (3, 28, 28)
     assert dm.test_dataset[1]["image"].shape == (3, 28, 28)
+
+
+def _bilinear_reference(image: np.ndarray, size: int) -> np.ndarray:
+    """cv2.resize(image, (size, size)) (INTER_LINEAR) if OpenCV is installed, else the same
+    half-pixel-centre bilinear without antialiasing written out in float64 numpy."""
+    try:
+        import cv2
+    except ImportError:
+        cv2 = None
+    if cv2 is not None:
+        return cv2.resize(image, (size, size)).astype(np.float64)
+
+    def taps(n_in):
+        src = np.maximum((np.arange(size) + 0.5) * n_in / size - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    img = image.astype(np.float64)
+    lo, hi, w = taps(img.shape[0])
+    img = img[lo] * (1 - w)[:, None, None] + img[hi] * w[:, None, None]
+    lo, hi, w = taps(img.shape[1])
+    img = img[:, lo] * (1 - w)[None, :, None] + img[:, hi] * w[None, :, None]
+    return np.floor(img + 0.5)
+
+
+def _to_pixels(item_image):
+    return (denormalize(item_image) * 255).permute(1, 2, 0).double().numpy()
+
+
+def test_images_squashed_like_the_authors_before_augmentation(tmp_path):
+    # A portrait 300x500 image with distinctive bands in its top and bottom 10 %. The authors squash
+    # CelebA images to SxS before the flip/affine, so both bands stay in every training sample; a
+    # resize of the shorter side followed by a random SxS crop can never show both.
+    root = tmp_path / "celeba"
+    (root / "img_celeba").mkdir(parents=True)
+    pixels = np.zeros((500, 300, 3), dtype=np.uint8)
+    pixels[:] = (40, 200, 40)
+    pixels[:50] = (230, 20, 20)
+    pixels[450:] = (20, 20, 230)
+    Image.fromarray(pixels).save(root / "img_celeba" / "000001.png")
+    (root / "lm.txt").write_text("000001.png,100,100,200,100,150,250,110,400,190,400\n")
+    dm = CelebADataModule(
+        root=str(root), train_list=str(root / "lm.txt"), test_list=str(root / "lm.txt"), image_size=64,
+        batch_size=1, mini_group=1, num_workers=0,
+    )
+    dm.setup()
+    torch.manual_seed(0)
+    both = 0
+    for _ in range(200):
+        img = denormalize(dm.train_dataset[0]["image"])
+        red = ((img[0] > 0.7) & (img[1] < 0.3) & (img[2] < 0.3)).sum()
+        blue = ((img[2] > 0.7) & (img[0] < 0.3) & (img[1] < 0.3)).sum()
+        both += int(red >= 20 and blue >= 20)
+    assert both == 200
+    item = dm.test_dataset[0]
+    assert np.abs(_to_pixels(item["image"]) - _bilinear_reference(pixels, 64)).max() <= 1.01
+    assert torch.allclose(item["keypoints"][0], torch.tensor([100 * 64 / 300, 100 * 64 / 500]))
+
+
+@pytest.mark.parametrize("shape", [(218, 178), (37, 91), (20, 30)])
+def test_test_items_match_a_direct_squash_within_a_grey_level(tmp_path, shape):
+    # Noise shows any antialiasing (the old evaluation resize was 0.4 normalised units away).
+    root = tmp_path / "celeba"
+    (root / "img_celeba").mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "img_celeba" / "000002.png")
+    (root / "lm.txt").write_text("000002.png," + ",".join(["5.0"] * 10) + "\n")
+    dm = _dm(root, train_list=str(root / "lm.txt"), test_list=str(root / "lm.txt"))
+    dm.setup("test")
+    got = _to_pixels(dm.test_dataset[0]["image"])
+    assert np.abs(got - _bilinear_reference(pixels, 28)).max() <= 1.01

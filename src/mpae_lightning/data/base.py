@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .samplers import EvalShardSampler, MiniGroupBatchSampler, check_mini_group
-from .transforms import eval_transform, scale_keypoints, train_transform
+from .transforms import eval_transform, scale_keypoints, squash_resize, train_transform
 
 __all__ = [
     "DatasetFormatError",
@@ -162,6 +162,10 @@ class ImageRecordDataset(Dataset):
         image_size: Side S of the output image.
         train: Apply the training augmentation instead of the evaluation resize.
         mask_fn: ``mask_fn(index, width, height)`` -> (mask_size, mask_size) long tensor.
+        squash: First resize every image to S×S with
+            :func:`~mpae_lightning.data.transforms.squash_resize` (bilinear, no antialiasing) on
+            either split, as the authors' CelebA loader does; the augmentation or evaluation
+            transform then follows.
     """
 
     def __init__(
@@ -170,11 +174,13 @@ class ImageRecordDataset(Dataset):
         image_size: int,
         train: bool = False,
         mask_fn: Callable[[int, int, int], torch.Tensor] | None = None,
+        squash: bool = False,
     ) -> None:
         self.records = list(records)
         self.image_size = image_size
         self.train = train
         self.mask_fn = mask_fn
+        self.squash = squash
         self.transform = train_transform(image_size) if train else eval_transform(image_size)
 
     @property
@@ -188,6 +194,8 @@ class ImageRecordDataset(Dataset):
         rec = self.records[index]
         img = load_rgb(rec.path)
         width, height = img.size
+        if self.squash:
+            img = squash_resize(img, self.image_size)
         item: dict[str, Any] = {
             "image": self.transform(img),
             "index": index,

@@ -75,9 +75,11 @@ class CelebADataModule(PartDataModule):
     Images are read from ``root/img_celeba/``; the splits are the paper's landmark lists shipped
     with the package (45,609 training images, 283 MAFL test images) unless ``train_list`` /
     ``test_list`` are given, in the same ``name,x1,y1,...,x5,y5`` syntax. Validation, test and
-    predict use the test list; ``index`` is the line position in the list. Evaluation items carry
-    ``keypoints`` (5, 2) (eyes, nose, mouth corners) in pixels of the S×S resize and ``visible``
-    (all True). ``label`` is -1.
+    predict use the test list; ``index`` is the line position in the list. As in the authors'
+    loader, every image is first squashed to S×S (bilinear without antialiasing, like their
+    ``cv2.resize``) on both splits; training then flips and applies the random affine to the
+    squashed image. Evaluation items carry ``keypoints`` (5, 2) (eyes, nose, mouth corners) in
+    pixels of the S×S image (x·S/W, y·S/H) and ``visible`` (all True). ``label`` is -1.
 
     Args:
         root: The CelebA folder that contains ``img_celeba/``.
@@ -138,6 +140,8 @@ class CelebADataModule(PartDataModule):
     def build_dataset(self, split: Split) -> ImageRecordDataset:
         if split == "train":
             path = self.train_list or default_celeba_list("train")
-            return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=True)
+            return ImageRecordDataset(
+                read_celeba_list(path, self._image_dir()), self.image_size, train=True, squash=True
+            )
         path = self.test_list or default_celeba_list("test")
-        return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=False)
+        return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=False, squash=True)

@@ -12,10 +12,10 @@ Ground-truth mask of an image, as the authors' loaders build it: per part catego
 annotations' masks (crowd and zero-area annotations skipped; two overlapping instances of a
 category count 2 where they overlap), a constant 0.1 background channel appended, argmax over the
 channels (the category with most covering instances wins, ties go to the lowest category id, and
-uncovered pixels are background), then a nearest resize to ``mask_size``². Labels are the part categories in increasing COCO id order and
-the background is the last label (id = number of part categories). As in PDiscoFormer's loader,
-images without any annotation are left out of a split, and a polygon with only two points is
-replaced by its annotation's bounding box.
+uncovered pixels are background), then a nearest resize to ``mask_size``². Labels are the part
+categories in increasing COCO id order and the background is the last label (id = number of part
+categories). As in PDiscoFormer's loader, images without any annotation are left out of a split,
+and a polygon with only two points is replaced by its annotation's bounding box.
 """
 
 from __future__ import annotations

@@ -5,12 +5,18 @@ translation ±5 %, scale 0.95-1.05), random crop S×S, ImageNet normalisation. (
 ``ColorJitter()`` has default arguments and does nothing, so it is left out.)
 Evaluation: resize to S×S without keeping the aspect ratio, ImageNet normalisation; keypoints
 scale with the image (x·S/W, y·S/H).
+CelebA: the authors' loader first squashes every image to S×S (``cv2.resize``: bilinear, no
+antialiasing), on both splits; :func:`squash_resize` does the same, and the transforms above then
+follow (their resizes and crop leave an S×S image unchanged, so training is flip + affine after
+the squash).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms import v2
 
 __all__ = [
@@ -20,6 +26,7 @@ __all__ = [
     "eval_transform",
     "normalize",
     "scale_keypoints",
+    "squash_resize",
     "train_transform",
 ]
 
@@ -60,6 +67,25 @@ def eval_transform(image_size: int) -> v2.Compose:
         image_size: Output side S.
     """
     return v2.Compose([v2.Resize((image_size, image_size)), *_to_normalized_tensor()])
+
+
+def squash_resize(image: Image.Image, image_size: int) -> Image.Image:
+    """Resize an RGB image to S×S ignoring the aspect ratio, bilinear WITHOUT antialiasing.
+
+    This is the ``cv2.resize(img, (S, S))`` (``INTER_LINEAR``, half-pixel centres) that the authors'
+    CelebA loader applies before any augmentation; computed in float and rounded, it is within one
+    grey level of OpenCV's fixed-point result. (PIL's and torchvision's default bilinear resize
+    antialias when shrinking, which blurs a 500-pixel face far more than the authors' input.)
+
+    Args:
+        image: RGB PIL image.
+        image_size: Output side S.
+    """
+    if image.size == (image_size, image_size):
+        return image
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float()
+    out = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False)
+    return Image.fromarray(out[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy(), mode="RGB")
 
 
 def scale_keypoints(keypoints: np.ndarray | torch.Tensor, width: int, height: int, image_size: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The evaluation protocol of MPAE (docs/evaluation.md §2–3) on top of the contingency metrics.
 
 * Keypoint mode (CUB, CelebA): the part map is read at each keypoint by nearest
-  sampling with zero padding (a keypoint on the right/bottom border reads label 0); the predicted label is the argmax over all K+1 channels ("NMI/ARI")
-  and over the K foreground channels ("FG-NMI/FG-ARI"); the true label is the
-  keypoint index.
+  sampling with zero padding (a keypoint on the right/bottom border reads label 0);
+  the predicted label is the argmax over all K+1 channels ("NMI/ARI") and over the
+  K foreground channels ("FG-NMI/FG-ARI"); the true label is the keypoint index.
 * Mask mode (PartImageNet): every pixel, argmax over K+1 against the mask label.
 
 Part maps are ``(B, K+1, H, W)`` with the background channel LAST. The metric
