@@ -54,7 +54,8 @@ def test_fit_test_predict_from_checkpoint(tmp_path, tiny_demo_args, capsys):
     assert labels.shape == (128, 128)
     assert labels.max() <= 4 and labels.min() >= 0  # K=4 foreground + background id 4
     assert np.array_equal(labels, np.load(npys[0]))
-    assert Image.open(overlays[0]).size == (64, 64)
+    panel = Image.open(overlays[0])  # image | overlay | part map at the 64 px input size, headers, legend
+    assert panel.width == 3 * 64 + 2 * 2 and panel.height > 64 + 20
 
 
 def test_linked_arguments_come_from_data(tiny_demo_args):

@@ -21,7 +21,9 @@ def test_demo_writes_report(tmp_path, capsys):
     # one epoch of training changes the model, so its scores differ from the untrained copy
     assert metrics["trained"] != metrics["untrained"]
     grid = Image.open(out / "parts.png")
-    assert grid.width == 5 * 128  # image | overlay | parts | ground truth | restored
+    # image | overlay | part map | ground truth | restored, 128 px tiles with 2 px gaps, under headers
+    # and above a legend (8 test images)
+    assert grid.width == 5 * 128 + 4 * 2 and grid.height > 8 * 128 + 7 * 2 + 40
     assert (out / "parts_untrained.png").exists()
     assert list(out.rglob("events.out.tfevents*")), "TensorBoard log missing"
     assert list(out.rglob("last.ckpt"))

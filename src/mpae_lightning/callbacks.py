@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
-from .visualize import denormalize, overlay, part_grid, save_grid, save_label_png
+from .data.base import load_rgb
+from .visualize import label_grid, part_grid, resize_labels, save_grid, save_label_png
 
 
 class PartVisualization(Callback):
@@ -49,18 +50,20 @@ class PartVisualization(Callback):
 
         ``pl_module`` must provide ``validation_outputs(images, index)`` and ``model`` (as
         :class:`~mpae_lightning.MPAEModule` does); ``datamodule`` supplies the ground-truth
-        label count, if it has masks.
+        label count and names (``num_mask_labels``, ``part_names``), if it has masks.
         """
         n = self.num_images
         images = batch["image"][:n]
         out = pl_module.validation_outputs(images, batch["index"][:n])
         mask = batch.get("mask")
+        names = getattr(datamodule, "part_names", None) if mask is not None else None
         return part_grid(
             images,
             pl_module.model.part_probabilities(out.logits),
             restored=out.restored,
             ground_truth=mask[:n] if mask is not None else None,
             num_gt_labels=getattr(datamodule, "num_mask_labels", None) or None,
+            label_names=names or None,
             tile=self.tile,
         )
 
@@ -110,15 +113,25 @@ class PartVisualization(Callback):
 
 class PartPredictionWriter(BasePredictionWriter):
     """For every predicted image, write ``<name>_parts.png`` (palette PNG, pixel = part id,
-    background = K), ``<name>_parts.npy`` (the same labels) and ``<name>_overlay.png``.
+    background = K), ``<name>_parts.npy`` (the same labels) and ``<name>_overlay.png``
+    (image | overlay | part map, with column headers and a legend of the parts present).
+
+    The part map is of the squashed S x S network input. With ``resolution="original"`` the
+    labels are resized (nearest) to each image file's own width and height and the overlay is
+    drawn on the original image; items without an image file (synthetic data) are their own
+    original.
 
     Args:
         output_dir: folder for the files (created if missing).
+        resolution: ``"map"`` (the evaluation map, e.g. 128 x 128) or ``"original"`` (the image file's W x H).
     """
 
-    def __init__(self, output_dir: str = "predictions") -> None:
+    def __init__(self, output_dir: str = "predictions", resolution: Literal["map", "original"] = "map") -> None:
         super().__init__(write_interval="batch")
+        if resolution not in ("map", "original"):
+            raise ValueError(f"PartPredictionWriter resolution must be 'map' or 'original', got {resolution!r}")
         self.output_dir = output_dir
+        self.resolution = resolution
 
     def write_on_batch_end(
         self,
@@ -132,13 +145,19 @@ class PartPredictionWriter(BasePredictionWriter):
     ) -> None:
         out = Path(self.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        labels, images = prediction["labels"], denormalize(batch["image"].detach().float().cpu())
+        labels, num_parts = prediction["labels"], prediction["num_parts"]
         paths = prediction.get("path") or [None] * labels.shape[0]
         for i in range(labels.shape[0]):
-            index = int(prediction["index"][i])
-            stem = f"{index:06d}"
+            stem = f"{int(prediction['index'][i]):06d}"
             if paths[i]:
                 stem += "_" + Path(str(paths[i])).stem.replace(os.sep, "_")
-            save_label_png(out / f"{stem}_parts.png", labels[i], prediction["num_parts"])
-            np.save(out / f"{stem}_parts.npy", labels[i].numpy())
-            Image.fromarray(overlay(images[i], labels[i].long(), prediction["num_parts"])).save(out / f"{stem}_overlay.png")
+            image, normalized = batch["image"][i].detach().cpu(), True
+            if self.resolution == "original" and paths[i] and os.path.isfile(str(paths[i])):
+                image, normalized = pil_to_tensor(load_rgb(str(paths[i]))).float() / 255.0, False
+            size = tuple(image.shape[-2:]) if self.resolution == "original" else tuple(labels.shape[-2:])
+            part_ids = resize_labels(labels[i].numpy(), size)  # type: ignore[arg-type]
+            save_label_png(out / f"{stem}_parts.png", part_ids, num_parts)
+            np.save(out / f"{stem}_parts.npy", part_ids.astype(labels.numpy().dtype))
+            tile = tuple(image.shape[-2:])
+            panel = label_grid(image[None], part_ids[None], num_parts, tile=tile, normalized=normalized)  # type: ignore[arg-type]
+            save_grid(out / f"{stem}_overlay.png", panel)

@@ -39,7 +39,7 @@ __all__ = [
     "SyntheticPartsDataModule",
     "SyntheticPartsDataset",
     "main",
-    "save_grid",
+    "sample_grid",
 ]
 
 PART_NAMES = ("torso", "head", "wing", "tail", "base", "crest")
@@ -438,6 +438,7 @@ class SyntheticPartsDataModule(PartDataModule):
         self.has_masks = True
         self.num_keypoints = NUM_PART_TYPES
         self.num_mask_labels = NUM_PART_TYPES + 1
+        self.part_names = list(PART_NAMES)  # names of the mask labels, background (last) excluded
 
     def split_source(self, split: Split) -> Split:
         """Prediction reads the test split."""
@@ -457,30 +458,25 @@ class SyntheticPartsDataModule(PartDataModule):
         )
 
 
-def _palette() -> np.ndarray:
-    return np.concatenate([PART_COLOURS, np.zeros((1, 3), dtype=np.float32)]) * 255
-
-
-def save_grid(dataset: SyntheticPartsDataset, path: str, num: int = 16, columns: int = 8) -> str:
-    """Write a PNG: rows of images (visible keypoints marked) each followed by a row of their masks.
+def sample_grid(dataset: SyntheticPartsDataset, num: int = 16, columns: int = 4) -> np.ndarray:
+    """A labelled picture of items 0..num-1: image (visible keypoints marked) beside its part mask.
 
     Args:
-        dataset: The synthetic dataset to draw from (items 0..num-1).
-        path: Output PNG file.
+        dataset: The synthetic dataset to draw from.
         num: Number of items.
         columns: Items per row.
 
     Returns:
-        ``path``.
+        (H, W, 3) uint8 RGB with column headers and a legend of the part colours.
     """
     from PIL import Image, ImageDraw
 
+    from ..visualize import colorize, labelled_grid, part_palette
+
     num = min(num, len(dataset))
-    size, pad = dataset.image_size, 2
     columns = max(1, min(columns, num))
-    rows = math.ceil(num / columns)
-    canvas = Image.new("RGB", (columns * (size + pad) + pad, 2 * rows * (size + pad) + pad), (255, 255, 255))
-    palette = _palette().astype(np.uint8)
+    size, num_labels = dataset.image_size, NUM_PART_TYPES + 1
+    tiles = []
     for i in range(num):
         r = dataset.render(i)
         img = Image.fromarray((r["image"].transpose(1, 2, 0) * 255).round().astype(np.uint8))
@@ -488,14 +484,14 @@ def save_grid(dataset: SyntheticPartsDataset, path: str, num: int = 16, columns:
         for t in np.flatnonzero(r["visible"]):
             x, y = r["keypoints"][t]
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(255, 255, 255), outline=(0, 0, 0))
-        mask = Image.fromarray(palette[r["mask"]]).resize((size, size), Image.NEAREST)
-        col, row = i % columns, i // columns
-        x0 = pad + col * (size + pad)
-        canvas.paste(img, (x0, pad + 2 * row * (size + pad)))
-        canvas.paste(mask, (x0, pad + (2 * row + 1) * (size + pad)))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+        mask = Image.fromarray(colorize(r["mask"], num_labels)).resize((size, size), Image.NEAREST)
+        tiles += [np.asarray(img), np.asarray(mask)]
+    blank = np.full_like(tiles[0], 255)
+    tiles += [blank] * (2 * columns * math.ceil(num / columns) - len(tiles))
+    rows = [tiles[k : k + 2 * columns] for k in range(0, len(tiles), 2 * columns)]
+    palette = part_palette(num_labels)
+    legend = [(tuple(int(c) for c in palette[t]), name) for t, name in enumerate([*PART_NAMES, "background"])]
+    return labelled_grid(rows, ["image", "ground truth"] * columns, legend, "white dots: visible keypoints")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -504,7 +500,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default="train", choices=sorted(_SPLIT_CODE))
     parser.add_argument("--num", type=int, default=16, help="number of samples")
-    parser.add_argument("--columns", type=int, default=8)
+    parser.add_argument("--columns", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--num-categories", type=int, default=3)
@@ -512,7 +508,11 @@ def main(argv: list[str] | None = None) -> str:
     dataset = SyntheticPartsDataset(
         args.num, split=args.split, image_size=args.image_size, num_categories=args.num_categories, seed=args.seed
     )
-    path = save_grid(dataset, os.path.join(args.out, f"synthetic_{args.split}_grid.png"), args.num, args.columns)
+    from ..visualize import save_grid
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"synthetic_{args.split}_grid.png")
+    save_grid(path, sample_grid(dataset, args.num, args.columns))
     print(path)
     return path
 
