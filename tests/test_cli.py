@@ -68,6 +68,9 @@ def test_linked_arguments_come_from_data(tiny_demo_args):
 def test_batch_not_divisible_by_mini_group_is_rejected(tiny_demo_args):
     with pytest.raises(ValueError, match="mini_group"):
         MPAECLI(args=[*tiny_demo_args, "--data.init_args.batch_size=12"], run=False)
+    # a mini-group larger than the batch is one group per batch (the authors' torch.split), not an error
+    cli = MPAECLI(args=[*tiny_demo_args, "--data.init_args.batch_size=4"], run=False)
+    assert cli.datamodule.batch_size == 4 and cli.model.hparams.mini_group == 8
 
 
 def _official_state_dict(fixture: dict, dim: int) -> dict:
