@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, jaccard_score, normalized_mutual_info_score
 
 from mpae_lightning.metrics import (
+    ForegroundIoU,
     KeypointPartMetrics,
     MaskPartMetrics,
     PartARI,
@@ -15,6 +16,8 @@ from mpae_lightning.metrics import (
     ari_from_contingency,
     contingency_table,
     count_foreground_parts,
+    foreground_iou,
+    foreground_iou_from_contingency,
     keypoint_part_labels,
     mask_part_labels,
     nmi_from_contingency,
@@ -359,6 +362,30 @@ def test_mask_part_metrics_match_sklearn():
     out = metric.compute()
     assert abs(out["nmi"].item() - 100 * nmi) < 1e-7
     assert abs(out["ari"].item() - 100 * ari) < 1e-7
+    # foreground: any of parts 0..3 (background 4) against any of labels 0..4 (background 5)
+    pred, target = torch.cat(preds), torch.cat(targets)
+    assert abs(out["fg_iou"].item() - 100 * jaccard_score(target < 5, pred < 4)) < 1e-7
+    assert abs(out["bg_iou"].item() - 100 * jaccard_score(target == 5, pred == 4)) < 1e-7
+
+
+def test_foreground_iou_against_sklearn_and_edge_cases():
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 4, (5000,), generator=g)
+    preds = torch.where(torch.rand(5000, generator=g) < 0.7, target % 3, torch.randint(0, 3, (5000,), generator=g))
+    target[:100] = 99  # ignored
+    keep = target != 99
+    expected = jaccard_score((target[keep] != 3).numpy(), (preds[keep] != 2).numpy())
+    assert abs(foreground_iou(preds, target, 4, 3, ignore_index=99).item() - expected) < 1e-12
+    metric = ForegroundIoU(4, 3, ignore_index=99)
+    for p, t in zip(preds.split(700), target.split(700)):
+        metric.update(p, t)
+    assert abs(metric.compute().item() - expected) < 1e-12
+    # a part map that is all background never overlaps: IoU 0, and an empty union gives 0 too
+    assert foreground_iou(torch.full((6,), 2), torch.tensor([0, 1, 3, 3, 0, 3]), 4, 3).item() == 0.0
+    empty = foreground_iou_from_contingency(torch.zeros(4, 3, dtype=torch.long))
+    assert empty["fg_iou"].item() == 0.0 and empty["bg_iou"].item() == 0.0
+    perfect = foreground_iou(torch.tensor([0, 1, 2, 2]), torch.tensor([2, 0, 3, 3]), 4, 3)
+    assert perfect.item() == 1.0  # which part matches which label does not matter
 
 
 def test_metrics_as_lightning_children():

@@ -96,7 +96,7 @@ def _free_port() -> int:
 
 
 def _expected() -> dict[str, float]:
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.metrics import adjusted_rand_score, jaccard_score, normalized_mutual_info_score
 
     data = _data()
 
@@ -111,6 +111,9 @@ def _expected() -> dict[str, float]:
     px = mask_part_labels(data["probs"], data["mask"])
     keep = px["target"] != 255
     mask_nmi, mask_ari = scores(px["pred"][keep], px["target"][keep])
+    pred_fg, true_fg = px["pred"][keep] != NUM_PARTS - 1, px["target"][keep] != NUM_MASK_LABELS - 1
+    fg_iou = jaccard_score(true_fg.numpy(), pred_fg.numpy())
+    bg_iou = jaccard_score((~true_fg).numpy(), (~pred_fg).numpy())
     count = count_foreground_parts(data["probs"]).double().mean().item()
     return {
         "nmi": nmi,
@@ -123,6 +126,8 @@ def _expected() -> dict[str, float]:
         "kp_parts_per_image": count,
         "mask_nmi": 100 * mask_nmi,
         "mask_ari": 100 * mask_ari,
+        "mask_fg_iou": 100 * fg_iou,
+        "mask_bg_iou": 100 * bg_iou,
         "mask_parts_per_image": count,
     }
 

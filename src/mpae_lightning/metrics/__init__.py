@@ -1,6 +1,6 @@
 """Exact streaming part-discovery metrics (NMI, ARI) and the MPAE evaluation protocol."""
 
-from mpae_lightning.metrics.clustering import ContingencyMetric, PartARI, PartNMI
+from mpae_lightning.metrics.clustering import ContingencyMetric, ForegroundIoU, PartARI, PartNMI
 from mpae_lightning.metrics.evaluation import (
     KeypointPartMetrics,
     MaskPartMetrics,
@@ -12,6 +12,8 @@ from mpae_lightning.metrics.evaluation import (
 from mpae_lightning.metrics.functional import (
     ari_from_contingency,
     contingency_table,
+    foreground_iou,
+    foreground_iou_from_contingency,
     nmi_from_contingency,
     part_ari,
     part_nmi,
@@ -19,6 +21,7 @@ from mpae_lightning.metrics.functional import (
 
 __all__ = [
     "ContingencyMetric",
+    "ForegroundIoU",
     "KeypointPartMetrics",
     "MaskPartMetrics",
     "PartARI",
@@ -27,6 +30,8 @@ __all__ = [
     "ari_from_contingency",
     "contingency_table",
     "count_foreground_parts",
+    "foreground_iou",
+    "foreground_iou_from_contingency",
     "keypoint_part_labels",
     "mask_part_labels",
     "nmi_from_contingency",

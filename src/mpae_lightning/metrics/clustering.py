@@ -17,10 +17,11 @@ from torchmetrics import Metric
 from mpae_lightning.metrics.functional import (
     ari_from_contingency,
     contingency_table,
+    foreground_iou_from_contingency,
     nmi_from_contingency,
 )
 
-__all__ = ["ContingencyMetric", "PartARI", "PartNMI"]
+__all__ = ["ContingencyMetric", "ForegroundIoU", "PartARI", "PartNMI"]
 
 
 def _check_num_labels(**num_labels: int) -> None:
@@ -101,3 +102,19 @@ class PartARI(ContingencyMetric):
 
     def compute(self) -> Tensor:
         return ari_from_contingency(self.contingency)
+
+
+class ForegroundIoU(ContingencyMetric):
+    """Foreground IoU: any non-background prediction against any non-background truth.
+
+    The background is the last label on both sides. Intersection and union are pooled
+    over everything seen since the last ``reset()`` (PDiscoFormer's protocol, via
+    ``BinaryJaccardIndex``); ``compute()`` returns a 0-d float64 tensor in [0, 1].
+    :class:`~mpae_lightning.metrics.MaskPartMetrics` reports it as ``fg_iou`` (x100).
+    """
+
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+
+    def compute(self) -> Tensor:
+        return foreground_iou_from_contingency(self.contingency)["fg_iou"]

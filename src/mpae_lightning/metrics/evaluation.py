@@ -25,6 +25,7 @@ from mpae_lightning.metrics.clustering import _check_num_labels
 from mpae_lightning.metrics.functional import (
     ari_from_contingency,
     contingency_table,
+    foreground_iou_from_contingency,
     nmi_from_contingency,
 )
 
@@ -190,15 +191,13 @@ class PartCount(Metric):
         return self.part_total.double() / self.image_total.double()
 
 
-class _PartEvaluation(Metric):
-    """Shared parts of the keypoint / mask evaluations: tables, part count, percent scores."""
+class _PartEvaluation(PartCount):
+    """Shared parts of the keypoint / mask evaluations: a contingency table, the part count
+    (inherited from :class:`PartCount`), percent scores."""
 
-    full_state_update = False
     higher_is_better = True
-    is_differentiable = False
 
-    part_total: Tensor
-    image_total: Tensor
+    contingency: Tensor
 
     def __init__(self, num_true_labels: int, num_parts: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -212,21 +211,11 @@ class _PartEvaluation(Metric):
             default=torch.zeros(num_true_labels, num_parts, dtype=torch.long),
             dist_reduce_fx="sum",
         )
-        self.add_state("part_total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("image_total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _check_channels(self, part_probs: Tensor) -> None:
         _check_part_probs(part_probs)
         if part_probs.shape[1] != self.num_parts:
             raise ValueError(f"expected {self.num_parts} part channels (K+1), got {part_probs.shape[1]}")
-
-    def _count_parts(self, part_probs: Tensor) -> None:
-        counts = count_foreground_parts(part_probs)
-        self.part_total += counts.sum()
-        self.image_total += counts.numel()
-
-    def _parts_per_image(self) -> Tensor:
-        return self.part_total.double() / self.image_total.double()
 
 
 class KeypointPartMetrics(_PartEvaluation):
@@ -272,7 +261,7 @@ class KeypointPartMetrics(_PartEvaluation):
         self.fg_contingency += contingency_table(
             labels["fg_pred"], labels["target"], self.num_keypoints, self.num_parts - 1
         )
-        self._count_parts(part_probs)
+        PartCount.update(self, part_probs)
 
     def compute(self) -> dict[str, Tensor]:
         return {
@@ -280,15 +269,17 @@ class KeypointPartMetrics(_PartEvaluation):
             "ari": 100 * ari_from_contingency(self.contingency),
             "fg_nmi": 100 * nmi_from_contingency(self.fg_contingency),
             "fg_ari": 100 * ari_from_contingency(self.fg_contingency),
-            "parts_per_image": self._parts_per_image(),
+            "parts_per_image": PartCount.compute(self),
         }
 
 
 class MaskPartMetrics(_PartEvaluation):
     """Mask-mode NMI/ARI (docs/evaluation.md §3; every pixel), in percent.
 
-    ``compute()`` returns a dict of 0-d float64 tensors: ``nmi``, ``ari`` (x100)
-    and ``parts_per_image`` (see :class:`PartCount`).
+    ``compute()`` returns a dict of 0-d float64 tensors: ``nmi``, ``ari``, ``fg_iou`` and
+    ``bg_iou`` (x100) and ``parts_per_image`` (see :class:`PartCount`). ``fg_iou`` is the
+    foreground IoU of PDiscoFormer: any non-background part against any non-background mask
+    label, intersection and union summed over the whole split; ``bg_iou`` is its complement's.
 
     Args:
         num_mask_labels: number of ground-truth mask labels (background included).
@@ -323,11 +314,12 @@ class MaskPartMetrics(_PartEvaluation):
         self.contingency += contingency_table(
             labels["pred"], labels["target"], self.num_mask_labels, self.num_parts, self.ignore_index
         )
-        self._count_parts(part_probs)
+        PartCount.update(self, part_probs)
 
     def compute(self) -> dict[str, Tensor]:
         return {
             "nmi": 100 * nmi_from_contingency(self.contingency),
             "ari": 100 * ari_from_contingency(self.contingency),
-            "parts_per_image": self._parts_per_image(),
+            **{k: 100 * v for k, v in foreground_iou_from_contingency(self.contingency).items()},
+            "parts_per_image": PartCount.compute(self),
         }

@@ -1,4 +1,4 @@
-"""Clustering scores computed from a (truth x prediction) contingency table.
+"""Clustering and foreground scores computed from a (truth x prediction) contingency table.
 
 NMI and ARI depend only on the contingency table of the two labelings, so a
 table accumulated batch by batch (and summed across processes) gives exactly
@@ -15,6 +15,8 @@ from torch import Tensor
 __all__ = [
     "ari_from_contingency",
     "contingency_table",
+    "foreground_iou",
+    "foreground_iou_from_contingency",
     "nmi_from_contingency",
     "part_ari",
     "part_nmi",
@@ -169,6 +171,44 @@ def ari_from_contingency(table: Tensor) -> Tensor:
     fn = (rows * rows).sum() - sum_squares
     tn = n * n - fp - fn - sum_squares
     return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+def foreground_iou_from_contingency(table: Tensor) -> dict[str, Tensor]:
+    """Foreground and background IoU from a (truth x prediction) table whose last row and
+    column are the background.
+
+    Foreground is every label but the last, on both sides (any part against any part
+    label), as PDiscoFormer's foreground IoU; counts are pooled over all pixels, like
+    ``torchmetrics``' ``BinaryJaccardIndex``, and an empty union gives 0.
+
+    Args:
+        table: ``(T, P)`` contingency table, truth along rows, background last on both axes.
+
+    Returns:
+        dict with 0-d float64 tensors ``fg_iou`` and ``bg_iou`` in [0, 1].
+    """
+    table = table.to(torch.float64)
+    tp, fn = table[:-1, :-1].sum(), table[:-1, -1].sum()
+    fp, tn = table[-1, :-1].sum(), table[-1, -1]
+
+    def iou(hit: Tensor, miss_a: Tensor, miss_b: Tensor) -> Tensor:
+        union = hit + miss_a + miss_b
+        return torch.where(union > 0, hit / union.clamp(min=1), torch.zeros_like(union))
+
+    return {"fg_iou": iou(tp, fp, fn), "bg_iou": iou(tn, fp, fn)}
+
+
+def foreground_iou(
+    preds: Tensor,
+    target: Tensor,
+    num_true_labels: int,
+    num_pred_labels: int,
+    ignore_index: int | None = None,
+) -> Tensor:
+    """Foreground IoU (any non-background prediction vs any non-background truth; background
+    is the last label of each); see :func:`foreground_iou_from_contingency`."""
+    table = contingency_table(preds, target, num_true_labels, num_pred_labels, ignore_index)
+    return foreground_iou_from_contingency(table)["fg_iou"]
 
 
 def part_nmi(
