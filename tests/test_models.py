@@ -365,12 +365,16 @@ def test_mpae_offline_error_names_backbone_weights(offline):
 def test_vgg_download_offline_names_the_local_file_option(offline):
     from mpae_lightning.models import VGGFeatures, WeightsUnavailableError
 
+    vgg = VGGFeatures(weights="torchvision")  # construction never downloads
+    assert not vgg.is_ready and not bool(vgg.ready)
     with pytest.raises(WeightsUnavailableError) as info:
-        VGGFeatures(weights="torchvision")
+        vgg.resolve()
     message = str(info.value)
     assert "vgg_weights" in message
     assert "vgg_weights=/path/to/vgg19.pth" in message
     assert not list((offline / "torch_home").rglob("*.pth"))  # nothing was downloaded
+    with pytest.raises(WeightsUnavailableError, match="vgg_weights=/path"):
+        vgg(torch.zeros(1, 3, 16, 16))  # the first forward resolves too
 
 
 def test_missing_local_files_are_named(tmp_path):
@@ -382,7 +386,7 @@ def test_missing_local_files_are_named(tmp_path):
     assert str(missing) in str(info.value) and "backbone_weights" in str(info.value)
     missing_vgg = tmp_path / "vgg19-dcbb9e9d.pth"
     with pytest.raises(WeightsUnavailableError) as info:
-        VGGFeatures(weights=str(missing_vgg))
+        VGGFeatures(weights=str(missing_vgg)).resolve()
     assert str(missing_vgg) in str(info.value) and "vgg_weights" in str(info.value)
 
 
@@ -445,10 +449,13 @@ def test_vgg_from_local_files(tmp_path):
         "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
     }.items():
         full[key] = torch.zeros(1).expand(*shape)
+    early = VGGFeatures(weights=str(tmp_path / "vgg19_full.pth"))  # the file is read on first use, not now
     torch.save(full, tmp_path / "vgg19_full.pth")
     torch.save(features, tmp_path / "vgg19_features.pth")
     for name in ("vgg19_full.pth", "vgg19_features.pth"):
-        vgg = VGGFeatures(weights=str(tmp_path / name))
+        vgg = early if name == "vgg19_full.pth" else VGGFeatures(weights=str(tmp_path / name))
+        vgg.resolve()
+        assert vgg.is_ready and bool(vgg.ready)
         convs = [m for block in vgg.slices for m in block if isinstance(m, torch.nn.Conv2d)]
         assert len(convs) == 13  # conv1_1 .. conv5_1
         own = {}
@@ -534,3 +541,178 @@ def test_descriptor_attention_is_multihead_attention_with_a_fused_kernel():
     assert block.attention_maps.shape == (3, 7, 7)
     with pytest.raises(ValueError, match="descriptor_width=30 is not divisible by descriptor_heads=4"):
         DescriptorAttention(30, 4)
+
+
+
+# --------------------------------------------------------------------------- VGG resolved lazily (offline evaluation)
+
+
+@pytest.fixture()
+def no_vgg_download(offline, monkeypatch):
+    """torchvision's weight download raises (and counts the attempts), on top of a machine without network."""
+    import torchvision.models._api as tv_api
+
+    attempts = []
+
+    def refuse(url, *args, **kwargs):
+        attempts.append(url)
+        raise ConnectionError(f"download of {url} refused by the test")
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    return attempts
+
+
+def test_mpae_with_torchvision_vgg_builds_and_predicts_offline(no_vgg_download, images):
+    from mpae_lightning.models import WeightsUnavailableError
+
+    model = MPAE(**{**TINY, "vgg_weights": "torchvision"})
+    with torch.no_grad():
+        probs = model.eval().predict_parts(images)
+    assert probs.shape[1] == TINY["num_parts"] + 1
+    assert no_vgg_download == []  # neither construction nor evaluation tried to download
+    with pytest.raises(WeightsUnavailableError, match=r"vgg_weights=/path/to/vgg19.pth"):
+        model.train().compute_losses(images)
+    assert len(no_vgg_download) == 1  # the loss asked once, and said what to do
+
+
+def test_state_dict_with_vgg_weights_makes_lazy_vgg_ready_without_download(no_vgg_download, images):
+    torch.manual_seed(0)
+    trained = MPAE(**TINY)  # random VGG: ready
+    state = trained.state_dict()
+    assert bool(state["restoration_loss.features.ready"])
+    fresh = MPAE(**{**TINY, "vgg_weights": "torchvision"})
+    fresh.load_state_dict(state)  # strict: same keys
+    vgg = fresh.restoration_loss.features
+    assert vgg.is_ready
+    for key, value in state.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    noise = torch.rand(images.shape[0], fresh.num_patches, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = fresh.train().compute_losses(images, noise=noise).total
+        expected = trained.train().compute_losses(images, noise=noise).total
+    assert torch.equal(ours, expected)
+    assert no_vgg_download == []
+
+    # A checkpoint written before the flag existed carried the real VGG weights: ready, no download.
+    legacy = {k: v for k, v in state.items() if k != "restoration_loss.features.ready"}
+    older = MPAE(**{**TINY, "vgg_weights": "torchvision"})
+    older.load_state_dict(legacy)
+    assert older.restoration_loss.features.is_ready
+
+    # A state dict saved before VGG was resolved holds placeholders: still resolved on first use.
+    pending_state = MPAE(**{**TINY, "vgg_weights": "torchvision"}).state_dict()
+    assert not bool(pending_state["restoration_loss.features.ready"])
+    target = MPAE(**{**TINY, "vgg_weights": "torchvision"})
+    target.load_state_dict(pending_state)
+    assert not target.restoration_loss.features.is_ready
+    from mpae_lightning.models import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="vgg_weights"):
+        target.resolve_vgg()
+
+
+def _tiny_module_kwargs() -> dict:
+    keys = ("num_parts", "feature_dim", "backbone", "backbone_weights", "backbone_kwargs", "descriptor_width",
+            "descriptor_depth", "descriptor_heads", "encoder_width", "encoder_depth", "encoder_heads",
+            "decoder_depth", "restore_patch", "mask_ratio")
+    return {k: TINY[k] for k in keys}
+
+
+def test_module_tests_and_predicts_offline_but_fit_fails_fast(no_vgg_download, tmp_path):
+    """MPAEModule(weights=<authors' .pth>) + test/predict offline; fit fails in setup with the one-line error."""
+    from lightning.pytorch import Trainer
+
+    from mpae_lightning import MPAEModule
+    from mpae_lightning.data import SyntheticPartsDataModule
+    from mpae_lightning.models import WeightsUnavailableError
+
+    torch.manual_seed(0)
+    source = MPAE(**TINY)
+    official = _as_official_state_dict(source)
+    path = tmp_path / "Official_K3.pth"
+    torch.save(official, path)
+
+    module = MPAEModule(**_tiny_module_kwargs(), image_size=56, mini_group=2, vgg_weights="torchvision",
+                        weights=str(path))
+    assert torch.equal(module.model.descriptor_vit.part_queries, source.descriptor_vit.part_queries)
+    data = SyntheticPartsDataModule(num_train=4, num_val=4, num_test=4, image_size=56, batch_size=2, mini_group=2,
+                                    eval_batch_size=4, num_workers=0)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, max_epochs=1)
+    results = trainer.test(module, datamodule=data, verbose=False)
+    assert "test/nmi" in results[0]
+    predictions = trainer.predict(module, datamodule=data)
+    assert predictions[0]["labels"].shape == (4, 128, 128)
+    assert no_vgg_download == []
+
+    with pytest.raises(WeightsUnavailableError, match=r"vgg_weights=/path/to/vgg19.pth"):
+        trainer.fit(module, datamodule=data)
+    assert len(no_vgg_download) == 1
+    assert module.global_step == 0  # failed in setup, before any batch
+
+    # A Lightning checkpoint whose VGG is ready (as after training) loads offline and is ready.
+    import lightning
+
+    trained = MPAEModule(**_tiny_module_kwargs(), image_size=56, mini_group=2, vgg_weights="random")
+    ckpt = tmp_path / "trained.ckpt"
+    hparams = {**dict(trained.hparams), "vgg_weights": "torchvision"}
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": lightning.__version__}, ckpt)
+    loaded = MPAEModule.load_from_checkpoint(ckpt)
+    assert loaded.hparams.vgg_weights == "torchvision" and loaded.model.restoration_loss.features.is_ready
+    assert len(no_vgg_download) == 1  # loading did not try to download
+
+
+def _as_official_state_dict(model: MPAE) -> dict[str, torch.Tensor]:
+    """``model``'s trainable weights under the authors' key names (inverse of the official loader)."""
+    from mpae_lightning.models.official_checkpoint import official_to_mpae_key
+    from reference_utils import reference_files
+
+    fixture = torch.load(reference_files("mpae_reference_*.pt")[0], map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    official = {}
+    # The fixture supplies the authors' key vocabulary; block indices above its depth are made up the same way.
+    names = set(fixture["state_dict"])
+    for key in list(names):
+        for depth_key in ("Transformer.transformer.resblocks.", "Decoder.blocks.", "Decoder.decoder_blocks."):
+            if key.startswith(depth_key):
+                names.discard(key)
+                rest = key[len(depth_key):].split(".", 1)[1]
+                names.add(f"{depth_key}0.{rest}")
+    for key in names:
+        ours = official_to_mpae_key(key)
+        if ours in own:
+            official[key] = own[ours].clone()
+    return official
+
+
+# --------------------------------------------------------------------------- evaluation maps in float32
+
+
+def test_evaluation_map_is_float32_under_bf16_autocast(tiny, images):
+    """bf16-mixed evaluation: only the frozen backbone runs in bf16; the head and the map are float32."""
+    model = tiny.eval()
+    with torch.no_grad():
+        tokens = model.backbone(images)
+        reference = model.predict_parts(images, backbone_tokens=tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            same_tokens = model.predict_parts(images, backbone_tokens=tokens)
+            bf16_backbone = model.predict_parts(images)
+    assert reference.dtype == same_tokens.dtype == bf16_backbone.dtype == torch.float32
+    # From the same backbone tokens, autocast changes nothing at all.
+    assert torch.allclose(same_tokens, reference, rtol=0, atol=1e-6)
+    assert torch.equal(same_tokens.argmax(dim=1), reference.argmax(dim=1))
+    # With the backbone in bf16 the labels still agree almost everywhere.
+    assert (bf16_backbone.argmax(dim=1) == reference.argmax(dim=1)).float().mean() >= 0.98
+
+
+def test_training_logits_are_float32_under_bf16_autocast(tiny, images):
+    model = tiny.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.compute_losses(images)
+        probs = model.part_probabilities(out.logits)
+    assert out.logits.dtype == out.local_features.dtype == out.similarity.dtype == torch.float32
+    assert probs.dtype == torch.float32
+    assert out.descriptors.dtype == torch.bfloat16  # the descriptor ViT itself follows autocast in training
+    assert torch.isfinite(out.total)

@@ -60,7 +60,8 @@ class MPAEModule(LightningModule):
         presence_weight: lambda_p.
         distribution_weight: lambda_d.
         semantic_weight: lambda_s.
-        vgg_weights: ``torchvision`` (download), a local VGG-19 ``.pth`` or ``random``.
+        vgg_weights: ``torchvision`` (download), a local VGG-19 ``.pth`` or ``random``. Only the
+            losses use VGG: it is fetched at the start of fit/validate, never for test/predict.
         eval_map_size: side of the evaluation map (128 in the paper).
         lr: Adam learning rate (authors' code 5e-4; the supplement says 5e-3).
         weight_decay: Adam weight decay (paper: none).
@@ -107,8 +108,6 @@ class MPAEModule(LightningModule):
         state, backbone_included = self._read_initial_weights(weights)
         if backbone_included:  # the file supplies the backbone: do not download it
             backbone_weights = "random"
-        if state is not None and any(k.startswith("model.restoration_loss.") for k in state):
-            vgg_weights = "random"
         mpae_args = {k: v for k, v in self.hparams.items() if k in inspect.signature(MPAE).parameters}
         self.model = MPAE(**{**mpae_args, "backbone_weights": backbone_weights, "vgg_weights": vgg_weights})
         if state is not None:
@@ -146,14 +145,19 @@ class MPAEModule(LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "MPAEModule":  # type: ignore[override]
-        """As Lightning's, but never downloads: the checkpoint holds the backbone and VGG weights."""
+        """As Lightning's, but never downloads: the checkpoint holds the backbone, and its VGG
+        weights (marked ready) make the lazily resolved VGG skip its download."""
         kwargs.setdefault("backbone_weights", "random")
-        kwargs.setdefault("vgg_weights", "random")
         kwargs.setdefault("weights", None)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
+        resuming = self._trainer is not None and bool(self._trainer.ckpt_path)
+        if stage in ("fit", "validate") and not resuming:
+            # Fail fast (offline, missing file) before any data is read. With a ckpt_path the
+            # checkpoint, restored after setup, normally carries VGG; else the first loss fetches it.
+            self.model.resolve_vgg()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return

@@ -16,6 +16,7 @@ from ..losses import (
     RestorationLoss,
     TotalVariationLoss,
 )
+from ..losses.precision import at_least_float32
 from .backbone import DEFAULT_BACKBONE, FrozenBackbone
 from .descriptor_vit import DescriptorViT
 from .restorer import MaskedRestorer, random_masking_ids
@@ -91,7 +92,9 @@ class MPAE(nn.Module):
         distribution_weight: lambda_d.
         semantic_weight: lambda_s.
         l1_weight: weight of the pixel L1 inside L_r.
-        vgg_weights: ``"torchvision"`` (download), a local ``.pth`` or ``"random"``.
+        vgg_weights: ``"torchvision"`` (download), a local ``.pth`` or ``"random"``. Only the losses
+            use VGG, so the weights are fetched when a loss is first computed (or by
+            :meth:`resolve_vgg`), never at construction or for :meth:`predict_parts`.
         eval_map_size: side of the inference map when ``eval_scale_factor`` is ``None`` (128 in the paper).
         eval_scale_factor: upsampling factor from the patch grid to the inference map.
         norm_eps: LayerNorm epsilon of the masked encoder and decoder.
@@ -196,6 +199,16 @@ class MPAE(nn.Module):
     def mini_group(self) -> int:
         return self.foreground_presence_loss.mini_group
 
+    def resolve_vgg(self) -> None:
+        """Fetch the VGG-19 weights of the restoration loss now, if not done yet.
+
+        Called by the first :meth:`compute_losses`; call it earlier to fail fast
+        (:class:`WeightsUnavailableError` naming ``vgg_weights``) before a long run starts.
+        """
+        features = self.restoration_loss.features
+        if isinstance(features, VGGFeatures):
+            features.resolve()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Everything but the frozen backbone and VGG."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -208,8 +221,15 @@ class MPAE(nn.Module):
                 f"this MPAE was built for {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}"
             )
 
-    def encode_parts(self, images: torch.Tensor, backbone_tokens: torch.Tensor | None = None) -> PartEncoding:
-        """Descriptors D, feature map F and part logits at the patch grid."""
+    def encode_parts(
+        self, images: torch.Tensor, backbone_tokens: torch.Tensor | None = None, float32_head: bool = False
+    ) -> PartEncoding:
+        """Descriptors D, feature map F and part logits at the patch grid.
+
+        F and the logits are always computed in (at least) float32. With ``float32_head`` the
+        descriptor ViT is too, whatever the autocast state (evaluation); otherwise it follows
+        autocast (training). The frozen backbone always follows autocast.
+        """
         self._check_images(images)
         if backbone_tokens is None:
             if self.backbone is None:
@@ -220,9 +240,18 @@ class MPAE(nn.Module):
         if backbone_tokens.shape[1] != h * w:
             raise ValueError(f"expected {h * w} backbone tokens for a {h}x{w} grid, got {backbone_tokens.shape[1]}")
         grid = backbone_tokens.transpose(1, 2).reshape(backbone_tokens.shape[0], -1, h, w)
-        local_features = self.feature_proj(grid.to(self.feature_proj.weight.dtype))
-        descriptors = self.descriptor_vit(images)
-        logits = torch.einsum("bkc,bchw->bkhw", descriptors, local_features)
+        if float32_head:
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                descriptors = self.descriptor_vit(at_least_float32(images))
+        else:
+            descriptors = self.descriptor_vit(images)
+        # F and the logits <D, F> in (at least) float32 whatever the autocast state: they decide
+        # every label of the part map, and cost little next to the two ViTs.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            weight = at_least_float32(self.feature_proj.weight)  # a 1x1 convolution without bias
+            local_features = F.conv2d(grid.to(weight.dtype), weight)
+            dtype = weight.dtype
+            logits = torch.einsum("bkc,bchw->bkhw", descriptors.to(dtype), local_features)
         return PartEncoding(descriptors, local_features, logits)
 
     def compute_losses(
@@ -240,6 +269,7 @@ class MPAE(nn.Module):
             noise: (B, h*w) masking noise (ascending order = kept first); default: uniform random.
             backbone_tokens: precomputed (B, h*w, D) backbone tokens instead of running the backbone.
         """
+        self.resolve_vgg()  # before the forward: an offline failure comes first, not after it
         enc = self.encode_parts(images, backbone_tokens)
         similarity = enc.similarity
         filled = torch.einsum("bkhw,bkc->bchw", similarity, enc.descriptors)
@@ -278,16 +308,24 @@ class MPAE(nn.Module):
         """(B, K+1, h*s, w*s) part probabilities at evaluation resolution (background last).
 
         The logits are upsampled bilinearly before the softmax; this equals the
-        authors' upsampling of F before the dot product, since both are linear.
+        authors' upsampling of F before the dot product, since both are linear. Everything after
+        the backbone runs in (at least) float32 whatever the autocast state, as the authors evaluate.
         """
-        return self.part_probabilities(self.encode_parts(images, backbone_tokens).logits, scale_factor)
+        logits = self.encode_parts(images, backbone_tokens, float32_head=True).logits
+        return self.part_probabilities(logits, scale_factor)
 
     def part_probabilities(self, logits: torch.Tensor, scale_factor: float | None = None) -> torch.Tensor:
-        """Patch-grid part logits -> (B, K+1, h*s, w*s) probabilities (bilinear upsampling, then softmax)."""
+        """Patch-grid part logits -> (B, K+1, h*s, w*s) probabilities (bilinear upsampling, then softmax).
+
+        Always computed in (at least) float32, also under bf16/fp16 autocast, as the authors
+        evaluate: in bf16 about 1 % of the labels of a 128x128 map flip.
+        """
         scale = self.eval_scale_factor if scale_factor is None else scale_factor
-        if scale != 1:
-            logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
-        return logits.softmax(dim=1)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = at_least_float32(logits)
+            if scale != 1:
+                logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+            return logits.softmax(dim=1)
 
     def forward(self, images: torch.Tensor, **kwargs: Any) -> MPAEOutput | torch.Tensor:
         """Training mode: :meth:`compute_losses`; eval mode: :meth:`predict_parts`."""

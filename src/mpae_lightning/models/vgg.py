@@ -1,5 +1,7 @@
-"""Frozen VGG-19 feature taps for MPAE's structural difference penalty."""
+"""Frozen VGG-19 feature taps for MPAE's structural difference penalty, with weights resolved on first use."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torchvision
@@ -11,21 +13,32 @@ from .weights import WeightsUnavailableError, is_local_file, is_random, load_sta
 VGG19_TAPS = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
 
 
-def _vgg19_features(weights: str | None, setting: str) -> nn.Sequential:
-    if is_random(weights):
-        return torchvision.models.vgg19(weights=None).features
+def _placeholder_features() -> nn.Sequential:
+    """``vgg19().features`` filled with zeros: built in ~0.1 s, no download, no random numbers drawn."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    with torch.device("meta"):
+        features = make_layers(cfgs["E"])
+    features = features.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in features.parameters():
+            p.zero_()
+    return features
+
+
+def _features_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full ``vgg19`` state dict or that of its ``features``, as ``features`` keys."""
+    if any(k.startswith("features.") for k in state):
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    return state
+
+
+def _pretrained_state(weights: str, setting: str) -> dict[str, torch.Tensor]:
+    """The ``features`` state dict from a local file or torchvision's ImageNet download."""
     if is_local_file(weights):
-        state = load_state_dict_file(weights, setting)
-        features = torchvision.models.vgg19(weights=None).features
-        if any(k.startswith("features.") for k in state):
-            state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        try:
-            features.load_state_dict(state)
-        except RuntimeError as err:
-            raise WeightsUnavailableError(f"{setting}: {weights} is not a VGG-19 state dict: {err}") from None
-        return features
+        return _features_state(load_state_dict_file(weights, setting))
     try:
-        return torchvision.models.vgg19(weights=torchvision.models.VGG19_Weights.IMAGENET1K_V1).features
+        return _features_state(torchvision.models.VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False))
     except Exception as err:  # noqa: BLE001 - network errors come in many types
         raise WeightsUnavailableError(
             f"Could not download the ImageNet VGG-19 weights for the structural penalty ({type(err).__name__}: {err}). "
@@ -36,6 +49,14 @@ def _vgg19_features(weights: str | None, setting: str) -> nn.Sequential:
 
 class VGGFeatures(nn.Module):
     """Frozen VGG-19 returning the relu{1..5}_1 activations, always in eval mode.
+
+    Pretrained weights (a download or a local file) are *resolved lazily*: construction
+    never touches the network or the file, and :meth:`resolve` (called by the first
+    forward, or early by whoever wants a fast failure) loads them into the already
+    built layers. Evaluation never needs VGG, so evaluating a released checkpoint
+    works offline. The boolean buffer ``ready`` is saved with the weights: loading a
+    state dict whose VGG is ready (every checkpoint written after training) marks this
+    module ready too, so loading a checkpoint never downloads.
 
     Args:
         weights: ``"torchvision"`` (ImageNet download), a local ``.pth`` (full ``vgg19`` or
@@ -48,15 +69,66 @@ class VGGFeatures(nn.Module):
         self, weights: str | None = "torchvision", features: nn.Sequential | None = None, setting: str = "vgg_weights"
     ) -> None:
         super().__init__()
-        features = features if features is not None else _vgg19_features(weights, setting)
+        self.setting = setting
+        self.source: str | None = None  # what resolve() still has to load; None once ready
+        if features is None and is_random(weights):
+            features = torchvision.models.vgg19(weights=None).features
+        elif features is None:
+            features = _placeholder_features()
+            self.source = str(weights)
         self.slices = nn.ModuleList(features[a:b] for a, b in VGG19_TAPS)
+        self.register_buffer("ready", torch.tensor(self.source is None))
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def is_ready(self) -> bool:
+        """True when the layers hold the final weights (nothing left to download or read)."""
+        return self.source is None
+
+    def resolve(self) -> None:
+        """Load the pretrained weights now (no-op when ready); raises :class:`WeightsUnavailableError`."""
+        if self.source is None:
+            return
+        state = _pretrained_state(self.source, self.setting)
+        try:
+            self._load_features_state(state)
+        except RuntimeError as err:
+            raise WeightsUnavailableError(f"{self.setting}: {self.source} is not a VGG-19 state dict: {err}") from None
+        self.source = None
+        self.ready.fill_(True)
+
+    def _load_features_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a ``vgg19().features`` state dict into the tapped slices (strict on the layers used)."""
+        mapped = {}
+        for i, block in enumerate(self.slices):
+            for key in block.state_dict():  # slices keep vgg19().features' layer numbers: "2.weight" ...
+                if key not in state:
+                    raise RuntimeError(f"missing key {key}")
+                mapped[f"{i}.{key}"] = state[key]
+        self.slices.load_state_dict(mapped, strict=True)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        # Why: a checkpoint carries the VGG weights it trained with. If they were ready there
+        # (or the checkpoint predates the flag), they are the weights: nothing to resolve.
+        has_weights = any(k.startswith(prefix + "slices.") for k in state_dict)
+        flag = state_dict.get(prefix + "ready")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if flag is None and has_weights:  # written before the flag existed: VGG was always loaded then
+            if prefix + "ready" in missing_keys:
+                missing_keys.remove(prefix + "ready")
+            flag = True
+        if flag is not None and bool(flag):
+            self.source = None
+        self.ready.fill_(self.source is None)
 
     def train(self, mode: bool = True) -> "VGGFeatures":
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.resolve()
         taps = []
         for block in self.slices:
             x = block(x)
