@@ -17,13 +17,16 @@ import torch.multiprocessing as mp
 
 from mpae_lightning.metrics import (
     KeypointPartMetrics,
+    KeypointRegression,
     MaskPartMetrics,
     PartARI,
     PartCount,
     PartNMI,
     count_foreground_parts,
     keypoint_part_labels,
+    keypoint_regression_error,
     mask_part_labels,
+    part_centroids,
 )
 
 WORLD_SIZE = 2
@@ -81,7 +84,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             keypoint.update(probs, data["keypoints"][i : i + 5], data["visible"][i : i + 5], 64)
             mask.update(probs, data["mask"][i : i + 5])
             count.update(probs)
-        result = {"nmi": nmi.compute().item(), "ari": ari.compute().item(), "count": count.compute().item()}
+        # KPR: fitted on each rank's share of the images, scored on each rank's share
+        kpr = KeypointRegression(NUM_PARTS, NUM_KEYPOINTS, normalization="image")
+        for split in ("fit", "eval"):
+            if split == "eval":
+                kpr.fit()
+            for i in range(0, data["probs"].shape[0], 5):
+                s = slice(i, i + 5)
+                kpr.update(data["probs"][s], data["keypoints"][s], data["visible"][s], 64, split=split)
+        result = {"nmi": nmi.compute().item(), "ari": ari.compute().item(), "count": count.compute().item(),
+                  "kpr": kpr.compute().item()}
         result.update({f"kp_{k}": v.item() for k, v in keypoint.compute().items()})
         result.update({f"mask_{k}": v.item() for k, v in mask.compute().items()})
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -115,10 +127,14 @@ def _expected() -> dict[str, float]:
     fg_iou = jaccard_score(true_fg.numpy(), pred_fg.numpy())
     bg_iou = jaccard_score((~true_fg).numpy(), (~pred_fg).numpy())
     count = count_foreground_parts(data["probs"]).double().mean().item()
+    centroids, active = part_centroids(data["probs"], 64)
+    normalised = (centroids / 64, active, data["keypoints"].double() / 64, data["visible"])
+    kpr = keypoint_regression_error(*normalised, *normalised).item()
     return {
         "nmi": nmi,
         "ari": ari,
         "count": count,
+        "kpr": kpr,
         "kp_nmi": 100 * kp_nmi,
         "kp_ari": 100 * kp_ari,
         "kp_fg_nmi": 100 * kp_fg_nmi,
@@ -158,5 +174,5 @@ def test_two_process_gloo_equals_sklearn_on_all_data(tmp_path):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result.keys() == expected.keys()
         for key, ref in expected.items():
-            tol = 1e-7 if key.startswith(("kp_", "mask_")) else 1e-9  # percent scores: 1e-9 x 100
+            tol = 1e-7 if key.startswith(("kp_", "mask_", "kpr")) else 1e-9  # percent scores: 1e-9 x 100
             assert abs(result[key] - ref) < tol, (rank, key, result[key], ref)

@@ -1,4 +1,4 @@
-"""Exact streaming part-discovery metrics (NMI, ARI) and the MPAE evaluation protocol."""
+"""Exact streaming part-discovery metrics (NMI, ARI, foreground IoU, keypoint regression) and the MPAE evaluation protocol."""
 
 from mpae_lightning.metrics.clustering import ContingencyMetric, ForegroundIoU, PartARI, PartNMI
 from mpae_lightning.metrics.evaluation import (
@@ -8,6 +8,12 @@ from mpae_lightning.metrics.evaluation import (
     count_foreground_parts,
     keypoint_part_labels,
     mask_part_labels,
+)
+from mpae_lightning.metrics.keypoint_regression import (
+    KeypointRegression,
+    keypoint_frame,
+    keypoint_regression_error,
+    part_centroids,
 )
 from mpae_lightning.metrics.functional import (
     ari_from_contingency,
@@ -23,6 +29,7 @@ __all__ = [
     "ContingencyMetric",
     "ForegroundIoU",
     "KeypointPartMetrics",
+    "KeypointRegression",
     "MaskPartMetrics",
     "PartARI",
     "PartCount",
@@ -32,9 +39,12 @@ __all__ = [
     "count_foreground_parts",
     "foreground_iou",
     "foreground_iou_from_contingency",
+    "keypoint_frame",
     "keypoint_part_labels",
+    "keypoint_regression_error",
     "mask_part_labels",
     "nmi_from_contingency",
     "part_ari",
+    "part_centroids",
     "part_nmi",
 ]
