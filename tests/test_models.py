@@ -611,6 +611,16 @@ def test_state_dict_with_vgg_weights_makes_lazy_vgg_ready_without_download(no_vg
     with pytest.raises(WeightsUnavailableError, match="vgg_weights"):
         target.resolve_vgg()
 
+    # A state dict without any VGG key (saved without the frozen VGG) loads strictly; VGG stays as built.
+    without_vgg = {k: v for k, v in state.items() if not k.startswith("restoration_loss.features.")}
+    bare = MPAE(**{**TINY, "vgg_weights": "torchvision"})
+    bare.load_state_dict(without_vgg)
+    assert not bare.restoration_loss.features.is_ready
+    assert torch.equal(bare.descriptor_vit.part_queries, trained.descriptor_vit.part_queries)
+    partial = {k: v for k, v in state.items() if k != "restoration_loss.features.slices.0.0.weight"}
+    with pytest.raises(RuntimeError, match=r"restoration_loss\.features\.slices\.0\.0\.weight"):
+        MPAE(**{**TINY, "vgg_weights": "torchvision"}).load_state_dict(partial)  # a damaged VGG is still an error
+
 
 def _tiny_module_kwargs() -> dict:
     keys = ("num_parts", "feature_dim", "backbone", "backbone_weights", "backbone_kwargs", "descriptor_width",
@@ -661,6 +671,11 @@ def test_module_tests_and_predicts_offline_but_fit_fails_fast(no_vgg_download, t
                 "pytorch-lightning_version": lightning.__version__}, ckpt)
     loaded = MPAEModule.load_from_checkpoint(ckpt)
     assert loaded.hparams.vgg_weights == "torchvision" and loaded.model.restoration_loss.features.is_ready
+    # One saved without the frozen VGG loads as well; its VGG waits for the first loss.
+    slim = {k: v for k, v in trained.state_dict().items() if ".restoration_loss." not in k}
+    torch.save({"state_dict": slim, "hyper_parameters": hparams,
+                "pytorch-lightning_version": lightning.__version__}, tmp_path / "slim.ckpt")
+    assert not MPAEModule.load_from_checkpoint(tmp_path / "slim.ckpt").model.restoration_loss.features.is_ready
     assert len(no_vgg_download) == 1  # loading did not try to download
 
 

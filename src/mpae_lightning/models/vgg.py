@@ -80,6 +80,8 @@ class VGGFeatures(nn.Module):
         self.register_buffer("ready", torch.tensor(self.source is None))
         self.requires_grad_(False)
         self.eval()
+        self._loaded_prefix: str | None = None
+        self.register_load_state_dict_post_hook(VGGFeatures._allow_state_without_vgg)
 
     @property
     def is_ready(self) -> bool:
@@ -114,6 +116,7 @@ class VGGFeatures(nn.Module):
         # (or the checkpoint predates the flag), they are the weights: nothing to resolve.
         has_weights = any(k.startswith(prefix + "slices.") for k in state_dict)
         flag = state_dict.get(prefix + "ready")
+        self._loaded_prefix = None if (has_weights or flag is not None) else prefix
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if flag is None and has_weights:  # written before the flag existed: VGG was always loaded then
@@ -123,6 +126,14 @@ class VGGFeatures(nn.Module):
         if flag is not None and bool(flag):
             self.source = None
         self.ready.fill_(self.source is None)
+
+    @staticmethod
+    def _allow_state_without_vgg(module: "VGGFeatures", incompatible: Any) -> None:
+        # A state dict with no VGG keys at all (saved without the frozen VGG to save space) loads
+        # even strictly: this VGG keeps what it was built with and resolves on first use as usual.
+        prefix, module._loaded_prefix = module._loaded_prefix, None
+        if prefix is not None:
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(prefix)]
 
     def train(self, mode: bool = True) -> "VGGFeatures":
         return super().train(False)
