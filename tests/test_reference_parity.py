@@ -165,3 +165,10 @@ def test_dinov2_backbone_matches_reference(path, record_property):
     for size, images in fixture["inputs"].items():
         errors.tensor(f"size {size}", backbone(images), fixture["outputs"]["x_norm_patchtokens"][size])
     errors.check(record_property, f"{path.stem} float32")
+    if "outputs_float64" in fixture:  # the same check in float64 where a fixture provides it
+        backbone.double()
+        errors64 = _Errors(FLOAT64_TOL)
+        for size, images in fixture["inputs"].items():
+            errors64.tensor(f"size {size}", backbone(images.double()),
+                            fixture["outputs_float64"]["x_norm_patchtokens"][size])
+        errors64.check(record_property, f"{path.stem} float64")
