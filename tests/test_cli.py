@@ -31,18 +31,19 @@ def test_fit_test_predict_from_checkpoint(tmp_path, tiny_demo_args, capsys):
     log = EventAccumulator(events[0])
     log.Reload()
     assert "val/parts" in log.Tags()["images"], "no part-overlay grid logged at validation"
-    assert {"val/total", "val/nmi", "val/fg_nmi", "val/mask_nmi"} <= set(log.Tags()["scalars"])
+    assert {"val/total", "val/keypoint_nmi", "val/keypoint_fg_nmi", "val/mask_nmi"} <= set(log.Tags()["scalars"])
 
     cli = MPAECLI(args=["test", *tiny_demo_args, f"--ckpt_path={ckpt}"])
     logged = cli.trainer.callback_metrics
-    for key in ("test/nmi", "test/ari", "test/fg_nmi", "test/fg_ari", "test/mask_nmi", "test/mask_ari"):
+    for key in ("test/keypoint_nmi", "test/keypoint_ari", "test/keypoint_fg_nmi", "test/keypoint_fg_ari",
+                "test/mask_nmi", "test/mask_ari"):
         assert key in logged, key
         assert 0.0 <= float(logged[key]) <= 100.0
     # test with --ckpt_path must not try to download (weights were set to random, then restored)
     assert cli.model.hparams.backbone_weights == "random"
 
     validated = MPAECLI(args=["validate", *tiny_demo_args, f"--ckpt_path={ckpt}"]).trainer.callback_metrics
-    assert {"val/nmi", "val/mask_nmi", "val/total"} <= set(validated)
+    assert {"val/keypoint_nmi", "val/mask_nmi", "val/total"} <= set(validated)
 
     out = tmp_path / "pred"
     main(["predict", *tiny_demo_args, f"--ckpt_path={ckpt}", f"--prediction_writer.output_dir={out}"])
@@ -111,7 +112,7 @@ def test_test_with_authors_weights(tmp_path):
     model = cli.model.model
     assert torch.equal(model.descriptor_vit.part_queries, fixture["state_dict"]["Transformer.class_embedding"])
     assert torch.equal(model.restorer.decoder_pred.weight, fixture["state_dict"]["Decoder.decoder_pred.weight"])
-    assert "test/nmi" in cli.trainer.callback_metrics
+    assert "test/keypoint_nmi" in cli.trainer.callback_metrics
 
 
 def test_offline_download_prints_one_clear_error(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 from mpae_lightning.cli import MPAECLI
 
 DDP_FLAGS = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn"]
-SCORES = ("test/nmi", "test/ari", "test/fg_nmi", "test/fg_ari", "test/mask_nmi", "test/mask_ari")
+SCORES = ("test/keypoint_nmi", "test/keypoint_ari", "test/keypoint_fg_nmi", "test/keypoint_fg_ari", "test/mask_nmi",
+          "test/mask_ari")
 
 
 def test_ddp_fit_and_exact_test_scores(tmp_path, tiny_demo_args, monkeypatch):

@@ -29,7 +29,7 @@ from .visualize import save_grid
 def _split_scores(logged: dict[str, Any]) -> dict[str, dict[str, float]]:
     get = lambda k: round(float(logged[f"test/{k}"]), 2)  # noqa: E731
     return {
-        "keypoint": {k: get(k) for k in ("nmi", "ari", "fg_nmi", "fg_ari")},
+        "keypoint": {k: get(f"keypoint_{k}") for k in ("nmi", "ari", "fg_nmi", "fg_ari")},
         "mask": {"nmi": get("mask_nmi"), "ari": get("mask_ari")},
         "parts_per_image": get("parts_per_image"),
     }

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import inspect
+import os
+import re
+import warnings
 from typing import Any
 
 import torch
@@ -11,7 +14,7 @@ from torch import nn
 from .metrics import KeypointPartMetrics, MaskPartMetrics
 from .models import DEFAULT_BACKBONE, MPAE, is_official_state_dict, load_official_state_dict
 from .models import MPAEOutput
-from .models.weights import load_state_dict_file
+from .models.weights import WeightsUnavailableError, is_random, load_state_dict_file
 
 #: Scalars logged every training step (each unweighted, plus the weighted total).
 LOGGED_LOSSES = (
@@ -27,6 +30,31 @@ LOGGED_LOSSES = (
     "presence_background",
     "semantic",
 )
+
+
+#: The frozen public weights, per part: (state-dict prefix, the setting that rebuilds them).
+FROZEN_PARTS = {
+    "backbone": ("model.backbone.", "backbone_weights"),
+    "vgg": ("model.restoration_loss.features.", "vgg_weights"),
+}
+#: Checkpoint key listing the frozen parts a checkpoint was saved without, with their sources.
+FROZEN_RECORD = "mpae_frozen_weights"
+
+
+def frozen_parts_left_out(checkpoint_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The frozen parts ``checkpoint_path`` was saved without (``{}`` if self-contained), with their sources.
+
+    Memory-maps the file, so only the small records are read.
+    """
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError:  # not a zip-format file: mmap is unsupported
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    return dict(checkpoint.get(FROZEN_RECORD) or {})
+
+
+#: Validation scores shown in the progress bar; the first one present is also ``hp_metric``.
+MAIN_SCORES = ("keypoint_nmi", "mask_nmi")
 
 
 class MPAEModule(LightningModule):
@@ -69,6 +97,12 @@ class MPAEModule(LightningModule):
         gamma: MultiStepLR factor.
         weights: initial weights: an authors' ``.pth`` (e.g. ``CUB_K16.pth``) or one of our
             Lightning ``.ckpt`` files; detected from the keys.
+        frozen_weights_in_checkpoint: save the frozen DINOv2 and VGG-19 weights in every
+            checkpoint (default: self-contained files that load offline). ``false`` leaves
+            them out (about 398 MB less per file at CUB settings) and records their
+            sources (``backbone``, ``backbone_weights``, ``vgg_weights``); loading then
+            rebuilds them from those sources, so it needs the network or local files.
+            Randomly initialised frozen parts are always kept.
     """
 
     def __init__(
@@ -102,6 +136,7 @@ class MPAEModule(LightningModule):
         milestones: list[int] | None = None,
         gamma: float = 0.2,
         weights: str | None = None,
+        frozen_weights_in_checkpoint: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -110,6 +145,8 @@ class MPAEModule(LightningModule):
             backbone_weights = "random"
         mpae_args = {k: v for k, v in self.hparams.items() if k in inspect.signature(MPAE).parameters}
         self.model = MPAE(**{**mpae_args, "backbone_weights": backbone_weights, "vgg_weights": vgg_weights})
+        # Where the frozen weights really came from ("random" also when a file supplied them).
+        self._frozen_sources = {"backbone": backbone_weights, "vgg": vgg_weights}
         if state is not None:
             self._load_initial_weights(state, weights)
         self.metrics = nn.ModuleDict()
@@ -145,11 +182,55 @@ class MPAEModule(LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "MPAEModule":  # type: ignore[override]
-        """As Lightning's, but never downloads: the checkpoint holds the backbone, and its VGG
-        weights (marked ready) make the lazily resolved VGG skip its download."""
-        kwargs.setdefault("backbone_weights", "random")
+        """As Lightning's, but builds only what the checkpoint lacks.
+
+        A self-contained checkpoint (the default) holds the backbone and VGG weights, so
+        nothing is downloaded (VGG is lazy and marked ready by the checkpoint). One saved
+        with ``frozen_weights_in_checkpoint=False`` rebuilds them from the sources it
+        records; offline, pass local files as ``backbone_weights=`` / ``vgg_weights=``.
+        """
+        left_out = frozen_parts_left_out(checkpoint_path)
+        if "backbone" not in left_out:
+            kwargs.setdefault("backbone_weights", "random")
         kwargs.setdefault("weights", None)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except WeightsUnavailableError as err:
+            raise WeightsUnavailableError(
+                f"{checkpoint_path} was saved without the frozen {' and '.join(left_out)} weights "
+                f"(frozen_weights_in_checkpoint=false), so they are rebuilt from their sources {left_out}: {err}"
+            ) from None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen pretrained weights out when asked, recording where they come from."""
+        if self.hparams.get("frozen_weights_in_checkpoint", True):
+            return
+        state, record = checkpoint["state_dict"], {}
+        for part, (prefix, setting) in FROZEN_PARTS.items():
+            source = self._frozen_sources[part]
+            if is_random(source):
+                continue  # random weights cannot be rebuilt: they stay in the file
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+            record[part] = {setting: source}
+        if "backbone" in record:
+            record["backbone"].update(backbone=self.hparams.backbone, backbone_kwargs=self.hparams.backbone_kwargs)
+        checkpoint[FROZEN_RECORD] = record
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Fill the frozen weights a checkpoint left out from this module's own (built from their sources)."""
+        record = checkpoint.get(FROZEN_RECORD) or {}
+        state, own = checkpoint["state_dict"], self.state_dict()
+        for part, info in record.items():
+            prefix, setting = FROZEN_PARTS[part]
+            if is_random(self._frozen_sources[part]):
+                raise ValueError(
+                    f"this checkpoint was saved without the frozen {part} weights (frozen_weights_in_checkpoint=false; "
+                    f"source {info}), but this model built them randomly: set {setting}={info[setting]!r} "
+                    f"(or a local copy of those weights) to load it"
+                )
+            if part == "backbone":  # a VGG without keys stays lazy and resolves its source on first use
+                state.update({k: v for k, v in own.items() if k.startswith(prefix)})
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -173,6 +254,16 @@ class MPAEModule(LightningModule):
             num_keypoints=datamodule.num_keypoints if getattr(datamodule, "has_keypoints", False) else 0,
             num_mask_labels=datamodule.num_mask_labels if getattr(datamodule, "has_masks", False) else 0,
         )
+
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode when training starts; the frozen
+        # backbone and VGG are so on purpose. Silence exactly that count, so any other
+        # module left in eval mode is still reported.
+        roots = ("model.backbone", "model.restoration_loss.features")
+        frozen = [name for name, _ in self.named_modules() if name in roots or name.startswith(tuple(f"{r}." for r in roots))]
+        if frozen:
+            message = re.escape(f"Found {len(frozen)} module(s) in eval mode at the start of training")
+            warnings.filterwarnings("ignore", message=message)
 
     def build_metrics(self, num_keypoints: int = 0, num_mask_labels: int = 0) -> None:
         """Create the val/test metrics for the data's annotations (called from ``setup``)."""
@@ -202,13 +293,15 @@ class MPAEModule(LightningModule):
         return out.total
 
     def _log_losses(self, stage: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
-        values = {f"{stage}/{k}": losses[k].detach().float() for k in LOGGED_LOSSES}
-        self.log_dict(
-            values, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step,
-            prog_bar=False,
-        )
-        self.log(f"{stage}/loss", values[f"{stage}/total"], on_step=on_step, on_epoch=not on_step,
-                 batch_size=batch_size, sync_dist=not on_step, prog_bar=True)
+        for name in LOGGED_LOSSES:
+            # Each term once, under its own name; the total is also what the progress bar shows.
+            self.log(f"{stage}/{name}", losses[name].detach().float(), on_step=on_step, on_epoch=not on_step,
+                     batch_size=batch_size, sync_dist=not on_step, prog_bar=name == "total")
+
+    def on_train_epoch_start(self) -> None:
+        # MultiStepLR steps per epoch, so one value per epoch is the whole schedule.
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=False, on_epoch=True, sync_dist=False)
 
     # -------------------------------------------------------------- evaluation
     def _update_metrics(self, batch: dict[str, Any], stage: str, probs: torch.Tensor) -> None:
@@ -222,7 +315,7 @@ class MPAEModule(LightningModule):
         # curves are comparable) and the part map scored by the metrics.
         out = self.validation_outputs(batch["image"], batch["index"])
         self._update_metrics(batch, "val", self.model.part_probabilities(out.logits))
-        self._log_losses("val", out.losses, batch["image"].shape[0], on_step=False)
+        self._log_losses(self.log_prefix("val"), out.losses, batch["image"].shape[0], on_step=False)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._update_metrics(batch, "test", self.model.predict_parts(batch["image"]))
@@ -246,24 +339,46 @@ class MPAEModule(LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, stage: str) -> dict[str, float]:
-        """Compute (this syncs the contingency tables across processes), log and reset."""
+        """Compute (this syncs the contingency tables across processes), log and reset.
+
+        Names say what is scored: ``keypoint_*`` (part labels read at the annotated
+        keypoints) and ``mask_*`` (part map against the ground-truth part masks), under
+        :meth:`log_prefix` of the stage.
+        """
         results: dict[str, float] = {}
-        keypoint = self.metrics[f"{stage}_keypoint"] if f"{stage}_keypoint" in self.metrics else None
-        mask = self.metrics[f"{stage}_mask"] if f"{stage}_mask" in self.metrics else None
-        if keypoint is not None:
-            results.update({k: float(v) for k, v in keypoint.compute().items()})
-            keypoint.reset()
-        if mask is not None:
-            scores = {k: float(v) for k, v in mask.compute().items()}
-            mask.reset()
-            parts = scores.pop("parts_per_image")
-            prefix = "mask_" if keypoint is not None else ""  # keypoint scores keep the plain names
-            results.update({f"{prefix}{k}": v for k, v in scores.items()})
+        for kind in ("keypoint", "mask"):
+            metric = self.metrics[f"{stage}_{kind}"] if f"{stage}_{kind}" in self.metrics else None
+            if metric is None:
+                continue
+            scores = {k: float(v) for k, v in metric.compute().items()}
+            metric.reset()
+            parts = scores.pop("parts_per_image")  # the same count in both: logged once
+            results.update({f"{kind}_{k}": v for k, v in scores.items()})
             results.setdefault("parts_per_image", parts)
+        prefix = self.log_prefix(stage)
         for name, value in results.items():
             # Identical on every rank already, so no further reduction.
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("nmi", "ari"), sync_dist=False)
+            self.log(f"{prefix}/{name}", value, prog_bar=name in MAIN_SCORES, sync_dist=False)
+        main = next((results[k] for k in MAIN_SCORES if k in results), None)
+        if stage == "val" and main is not None and self.trainer.state.fn == "fit":
+            # TensorBoard's HPARAMS tab compares runs by hp_metric (otherwise stuck at -1).
+            self.log("hp_metric", main, sync_dist=False)
         return results
+
+    def log_prefix(self, stage: str) -> str:
+        """``val``, ``test``; validation on other images than a validation split says so.
+
+        CUB, CelebA and PartImageNet validate on the test split, as the authors do, so
+        their validation scores are logged as ``val_on_test/...``;
+        ``ImageFolderDataModule`` without a hold-out validates on its training images
+        (``val_on_train/...``). With ``val_fraction > 0`` (a held-out slice of the
+        training split) it is plain ``val/...``.
+        """
+        if stage != "val":
+            return stage
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        source = getattr(datamodule, "val_split", "val")
+        return "val" if source in ("val", "holdout") else f"val_on_{source}"
 
     # -------------------------------------------------------------- prediction
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

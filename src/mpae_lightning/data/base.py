@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .samplers import EvalShardSampler, MiniGroupBatchSampler, check_mini_group
 from .transforms import eval_transform, scale_keypoints, squash_resize, train_transform
@@ -29,6 +30,9 @@ __all__ = [
 ]
 
 Split = Literal["train", "val", "test", "predict"]
+#: What validation runs on: the test split (the authors' protocol), a held-out slice of the
+#: training split, a validation split of the dataset's own, or the training images themselves.
+ValSplit = Literal["test", "holdout", "val", "train"]
 
 
 class DatasetFormatError(ValueError):
@@ -149,6 +153,34 @@ class ImageRecord:
     visible: np.ndarray | None = None
 
 
+class _SubsetMaskFn:
+    """``mask_fn`` of a subset: maps the subset's position back to the full split's (picklable for workers)."""
+
+    def __init__(self, mask_fn: Callable[[int, int, int], torch.Tensor], indices: list[int]) -> None:
+        self.mask_fn, self.indices = mask_fn, indices
+
+    def __call__(self, index: int, width: int, height: int) -> torch.Tensor:
+        return self.mask_fn(self.indices[index], width, height)
+
+
+class LabelledSubset(Subset):
+    """A ``Subset`` that keeps the ``labels`` of its dataset (for class-grouped mini-groups)."""
+
+    @property
+    def labels(self) -> list[int]:
+        labels = getattr(self.dataset, "labels", None)
+        if labels is None:
+            raise AttributeError(f"{type(self.dataset).__name__} has no labels")
+        return [labels[i] for i in self.indices]
+
+
+def take(dataset: Dataset, indices: Sequence[int]) -> Dataset:
+    """``dataset`` restricted to ``indices``: its own ``subset`` if it has one, else a :class:`LabelledSubset`."""
+    if hasattr(dataset, "subset"):
+        return dataset.subset(indices)
+    return LabelledSubset(dataset, list(indices))
+
+
 class ImageRecordDataset(Dataset):
     """Images read from a list of :class:`ImageRecord`, returned as dicts.
 
@@ -190,6 +222,12 @@ class ImageRecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def subset(self, indices: Sequence[int]) -> "ImageRecordDataset":
+        """The records at ``indices`` (``index`` then counts within the subset), masks included."""
+        indices = [int(i) for i in indices]
+        mask_fn = _SubsetMaskFn(self.mask_fn, indices) if self.mask_fn is not None else None
+        return ImageRecordDataset([self.records[i] for i in indices], self.image_size, self.train, mask_fn, self.squash)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
         img = load_rgb(rec.path)
@@ -213,7 +251,7 @@ class ImageRecordDataset(Dataset):
         return item
 
 
-class PartDataModule(LightningDataModule):
+class PartDataModule(LightningDataModule, ABC):
     """Base DataModule: mini-group training batches and rank-sharded evaluation without duplicates.
 
     Subclasses implement :meth:`build_dataset` and set the annotation attributes in ``__init__``:
@@ -229,6 +267,11 @@ class PartDataModule(LightningDataModule):
     synchronise metric states once at epoch end (torchmetrics does), not with per-step
     ``sync_dist=True`` logging.
 
+    Validation runs on :attr:`val_split`: by default the test split for CUB, CelebA and
+    PartImageNet (as the authors do), which is then logged as ``val_on_test/...``. With
+    ``val_fraction > 0`` a seeded random slice of the training split is held out instead:
+    training uses the rest, validation the slice (without augmentation, with annotations).
+
     Args:
         batch_size: Training images per batch and per process; a multiple of ``mini_group`` when it is larger.
         mini_group: Chunk size of the mini-group presence loss (8 single-category, 64 multi-category).
@@ -239,7 +282,12 @@ class PartDataModule(LightningDataModule):
             the paper does), or None.
         image_size: Side S of the square network input.
         mask_size: Side of the ground-truth part masks (datasets with masks).
+        val_fraction: Share of the training split held out for validation (seeded by ``seed``);
+            0 validates on :attr:`default_val_split`.
     """
+
+    #: What validation runs on when ``val_fraction`` is 0.
+    default_val_split: ClassVar[ValSplit] = "test"
 
     def __init__(
         self,
@@ -251,6 +299,7 @@ class PartDataModule(LightningDataModule):
         group_by: Literal["class"] | None = None,
         image_size: int = 224,
         mask_size: int = 128,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or mini_group < 1 or eval_batch_size < 1:
@@ -263,6 +312,8 @@ class PartDataModule(LightningDataModule):
             raise ValueError(f"group_by must be None or 'class', got {group_by!r}")
         if image_size < 1 or mask_size < 1:
             raise ValueError(f"image_size ({image_size}) and mask_size ({mask_size}) must be positive")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.batch_size = int(batch_size)
         self.mini_group = int(mini_group)
         self.eval_batch_size = int(eval_batch_size)
@@ -271,6 +322,7 @@ class PartDataModule(LightningDataModule):
         self.group_by = group_by
         self.image_size = int(image_size)
         self.mask_size = int(mask_size)
+        self.val_fraction = float(val_fraction)
         self.has_keypoints = False
         self.has_masks = False
         self.num_keypoints = 0
@@ -278,27 +330,52 @@ class PartDataModule(LightningDataModule):
         self._datasets: dict[str, Dataset] = {}
 
     # -- datasets ------------------------------------------------------------------------------
+    @abstractmethod
     def build_dataset(self, split: Split) -> Dataset:
         """Build the dataset of ``split`` ("train" with augmentation; "val", "test", "predict" without).
 
-        Every dataset-specific DataModule overrides this.
+        Every dataset-specific DataModule implements this.
         """
-        raise TypeError(f"{type(self).__name__} does not define build_dataset(split); subclass PartDataModule")
+
+    def build_train_eval_dataset(self) -> Dataset:
+        """The training split without augmentation and with its annotations (for ``val_fraction > 0``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold out training images (val_fraction > 0)")
 
     def split_source(self, split: Split) -> Split:
         """The split whose data ``split`` reads; splits with the same source share one dataset object.
 
         The default gives every split its own data. A DataModule whose evaluation splits coincide
         (e.g. validation on the test split, as the authors do for CUB) overrides this, so the
-        images are listed and checked once.
+        images are listed and checked once. With ``val_fraction > 0``, train and val are the two
+        parts of the training split whatever this says.
         """
         return split
 
+    @property
+    def val_split(self) -> ValSplit:
+        """What validation runs on: ``"holdout"`` if ``val_fraction > 0``, else :attr:`default_val_split`."""
+        return "holdout" if self.val_fraction > 0 else self.default_val_split
+
+    def holdout_indices(self, n: int) -> tuple[list[int], list[int]]:
+        """(kept for training, held out) positions among ``n`` training images, each in listing order."""
+        n_val = max(1, round(n * self.val_fraction))
+        if n_val >= n:
+            raise ValueError(f"val_fraction={self.val_fraction} leaves no training image out of {n}")
+        held_out = np.zeros(n, dtype=bool)
+        held_out[np.random.default_rng(self.seed).permutation(n)[:n_val]] = True
+        return np.flatnonzero(~held_out).tolist(), np.flatnonzero(held_out).tolist()
+
     def dataset(self, split: Split) -> Dataset:
         """The (cached) dataset of ``split``, shared by all splits with the same :meth:`split_source`."""
-        source = self.split_source(split)
+        holdout = self.val_fraction > 0
+        source = split if holdout and split in ("train", "val") else self.split_source(split)
         if source not in self._datasets:
-            self._datasets[source] = self.build_dataset(source)
+            if holdout and source in ("train", "val"):
+                full = self.build_dataset("train") if source == "train" else self.build_train_eval_dataset()
+                keep, held_out = self.holdout_indices(len(full))  # type: ignore[arg-type]
+                self._datasets[source] = take(full, keep if source == "train" else held_out)
+            else:
+                self._datasets[source] = self.build_dataset(source)
         return self._datasets[source]
 
     def setup(self, stage: str | None = None) -> None:

@@ -93,6 +93,8 @@ class CelebADataModule(PartDataModule):
         seed: Seed of the training order.
         group_by: ``"class"`` groups by label; CelebA has none (all -1), so this changes nothing.
         mask_size: Unused (CelebA has no part masks); kept for a uniform interface.
+        val_fraction: Share of the training list held out for validation (with landmarks) instead of
+            the test list (0: the test list, as the authors do; logged as ``val_on_test``).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class CelebADataModule(PartDataModule):
         seed: int = 0,
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -118,6 +121,7 @@ class CelebADataModule(PartDataModule):
             group_by=group_by,
             image_size=image_size,
             mask_size=mask_size,
+            val_fraction=val_fraction,
         )
         self.save_hyperparameters()
         self.root = root
@@ -144,4 +148,8 @@ class CelebADataModule(PartDataModule):
                 read_celeba_list(path, self._image_dir()), self.image_size, train=True, squash=True
             )
         path = self.test_list or default_celeba_list("test")
+        return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=False, squash=True)
+
+    def build_train_eval_dataset(self) -> ImageRecordDataset:
+        path = self.train_list or default_celeba_list("train")
         return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=False, squash=True)

@@ -125,7 +125,7 @@ class CUBDataModule(PartDataModule):
     Reads ``root`` as it ships: ``images.txt``, ``train_test_split.txt``,
     ``parts/part_locs.txt``, ``image_class_labels.txt`` (optional, for ``label``) and
     ``images/<class folder>/<file>.jpg``. Validation, test and predict all use the test split
-    (5,794 images, as in the paper); ``index`` is the position in that split in ``images.txt``
+    (5,794 images, as in the paper; ``val_fraction`` holds out training images for validation instead); ``index`` is the position in that split in ``images.txt``
     order. Evaluation items carry ``keypoints`` (15, 2) in pixels of the S×S resize and
     ``visible`` (15,) from the visibility flags.
 
@@ -139,6 +139,8 @@ class CUBDataModule(PartDataModule):
         seed: Seed of the training order.
         group_by: ``"class"`` to fill each training mini-group with one bird species, or None.
         mask_size: Unused (CUB has no part masks); kept for a uniform interface.
+        val_fraction: Share of the training split held out for validation (with keypoints) instead of
+            the test split (0: the test split, as the authors do; logged as ``val_on_test``).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class CUBDataModule(PartDataModule):
         seed: int = 0,
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -162,6 +165,7 @@ class CUBDataModule(PartDataModule):
             group_by=group_by,
             image_size=image_size,
             mask_size=mask_size,
+            val_fraction=val_fraction,
         )
         self.save_hyperparameters()
         self.root = root
@@ -176,3 +180,6 @@ class CUBDataModule(PartDataModule):
         if split == "train":
             return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=True)
         return ImageRecordDataset(read_cub(self.root, "test"), self.image_size, train=False)
+
+    def build_train_eval_dataset(self) -> ImageRecordDataset:
+        return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=False)

@@ -48,6 +48,9 @@ class ImageFolderDataModule(PartDataModule):
         mask_size: Unused (no masks); kept for a uniform interface.
     """
 
+    #: Without a hold-out, validation runs on the training images (logged as ``val_on_train``).
+    default_val_split = "train"
+
     def __init__(
         self,
         root: str,
@@ -70,12 +73,10 @@ class ImageFolderDataModule(PartDataModule):
             group_by=group_by,
             image_size=image_size,
             mask_size=mask_size,
+            val_fraction=val_fraction,
         )
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.root = root
-        self.val_fraction = float(val_fraction)
         self._files: list[str] | None = None
 
     def files(self) -> list[str]:
@@ -96,18 +97,18 @@ class ImageFolderDataModule(PartDataModule):
         files = self.files()
         if split == "predict" or self.val_fraction == 0.0:
             return files
-        n_val = max(1, round(len(files) * self.val_fraction))
-        if n_val >= len(files):
-            raise ValueError(f"val_fraction={self.val_fraction} leaves no training image out of {len(files)}")
-        held_out = np.zeros(len(files), dtype=bool)
-        held_out[np.random.default_rng(self.seed).permutation(len(files))[:n_val]] = True
-        keep = ~held_out if split == "train" else held_out
-        return [f for f, k in zip(files, keep) if k]
+        keep, held_out = self.holdout_indices(len(files))
+        return [files[i] for i in (keep if split == "train" else held_out)]
 
     def split_source(self, split: Split) -> Split:
-        """Validation and test read the same held-out images."""
+        """Validation and test read the same images: the held-out ones, or all without a hold-out."""
+        if self.val_fraction > 0:
+            return "val" if split == "test" else split
         return "test" if split == "val" else split
 
     def build_dataset(self, split: Split) -> ImageRecordDataset:
-        records = [ImageRecord(path=p) for p in self.split_files(split)]
-        return ImageRecordDataset(records, self.image_size, train=split == "train")
+        # All images: with a hold-out, the base class splits "train" and the evaluation copy itself.
+        return ImageRecordDataset([ImageRecord(path=p) for p in self.files()], self.image_size, train=split == "train")
+
+    def build_train_eval_dataset(self) -> ImageRecordDataset:
+        return self.build_dataset("val")

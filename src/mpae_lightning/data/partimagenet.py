@@ -161,6 +161,8 @@ class PartImageNetDataModule(PartDataModule):
         seed: Seed of the training order.
         group_by: ``"class"`` to fill each training mini-group with one ImageNet class, or None.
         mask_size: Side of the ground-truth masks (paper: 128).
+        val_fraction: Share of the training split held out for validation (with part masks) instead
+            of the test split (0: the test split, as the authors do; logged as ``val_on_test``).
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class PartImageNetDataModule(PartDataModule):
         seed: int = 0,
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -185,6 +188,7 @@ class PartImageNetDataModule(PartDataModule):
             group_by=group_by,
             image_size=image_size,
             mask_size=mask_size,
+            val_fraction=val_fraction,
         )
         if variant not in ("ood", "seg"):
             raise ValueError(f"variant must be 'ood' or 'seg', got {variant!r}")
@@ -297,13 +301,18 @@ class PartImageNetDataModule(PartDataModule):
         return "train" if split == "train" else "test"
 
     def build_dataset(self, split: Split) -> ImageRecordDataset:
-        source: Literal["train", "test"] = "train" if split == "train" else "test"
+        return self._build("train" if split == "train" else "test", train=split == "train")
+
+    def build_train_eval_dataset(self) -> ImageRecordDataset:
+        return self._build("train", train=False)
+
+    def _build(self, source: Literal["train", "test"], train: bool) -> ImageRecordDataset:
         parsed = self._parse(source)
         self._set_categories(parsed)
         paths = self._resolve_image_paths(parsed)
         classes = self._class_index()
         records = [ImageRecord(path=p, label=classes.get(_wnid(f), -1)) for p, f in zip(paths, parsed.file_names)]
-        if split == "train":
+        if train:
             return ImageRecordDataset(records, self.image_size, train=True)
         mask_fn = _MaskFn(parsed, self.num_part_categories, self.mask_size)
         return ImageRecordDataset(records, self.image_size, train=False, mask_fn=mask_fn)

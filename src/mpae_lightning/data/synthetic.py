@@ -174,6 +174,7 @@ class SyntheticPartsDataset(Dataset):
         seed: int = 0,
         train: bool = False,
         occlusion_prob: float = 0.3,
+        val_fraction: float = 0.0,
     ) -> None:
         if split not in _SPLIT_CODE:
             raise ValueError(f"split must be one of {sorted(_SPLIT_CODE)}, got {split!r}")
@@ -400,6 +401,7 @@ class SyntheticPartsDataModule(PartDataModule):
         group_by: ``"class"`` to fill each training mini-group with one category, or None.
         mask_size: Side of the ground-truth masks.
         occlusion_prob: Probability that an image has an occluding background blob.
+        val_fraction: Share of the training split held out for validation instead of the ``val`` split.
     """
 
     def __init__(
@@ -427,6 +429,7 @@ class SyntheticPartsDataModule(PartDataModule):
             group_by=group_by,
             image_size=image_size,
             mask_size=mask_size,
+            val_fraction=val_fraction,
         )
         self.save_hyperparameters()
         self.num_train = int(num_train)
@@ -440,11 +443,19 @@ class SyntheticPartsDataModule(PartDataModule):
         self.num_mask_labels = NUM_PART_TYPES + 1
         self.part_names = list(PART_NAMES)  # names of the mask labels, background (last) excluded
 
+    default_val_split = "val"
+
     def split_source(self, split: Split) -> Split:
         """Prediction reads the test split."""
         return "test" if split == "predict" else split
 
     def build_dataset(self, split: Split) -> SyntheticPartsDataset:
+        return self._generate(split, train=split == "train")
+
+    def build_train_eval_dataset(self) -> SyntheticPartsDataset:
+        return self._generate("train", train=False)
+
+    def _generate(self, split: Split, train: bool) -> SyntheticPartsDataset:
         n = {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
         return SyntheticPartsDataset(
             n,
@@ -453,7 +464,7 @@ class SyntheticPartsDataModule(PartDataModule):
             mask_size=self.mask_size,
             num_categories=self.num_categories,
             seed=self.seed,
-            train=split == "train",
+            train=train,
             occlusion_prob=self.occlusion_prob,
         )
 
