@@ -174,7 +174,6 @@ class SyntheticPartsDataset(Dataset):
         seed: int = 0,
         train: bool = False,
         occlusion_prob: float = 0.3,
-        val_fraction: float = 0.0,
     ) -> None:
         if split not in _SPLIT_CODE:
             raise ValueError(f"split must be one of {sorted(_SPLIT_CODE)}, got {split!r}")
@@ -419,6 +418,7 @@ class SyntheticPartsDataModule(PartDataModule):
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
         occlusion_prob: float = 0.3,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
