@@ -136,3 +136,38 @@ def test_misuse_is_reported():
         KeypointRegression(num_parts=5, num_keypoints=2).update(probs, kp, None, 32, split="fit")
     with pytest.raises(ValueError, match="normalization"):
         KeypointRegression(num_parts=3, num_keypoints=2, normalization="box")
+
+
+def test_callback_reports_kpr_at_test_time(tiny_demo_args):
+    """`mpae test` with the callback: fitted on the training images, scored on the test split."""
+    from lightning.pytorch import Trainer
+
+    from mpae_lightning.callbacks import KeypointRegressionEvaluation
+    from mpae_lightning.cli import MPAECLI
+
+    cli = MPAECLI(args=tiny_demo_args, run=False)
+    module, dm = cli.model, cli.datamodule
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, callbacks=[KeypointRegressionEvaluation(normalization="image")])
+    logged = trainer.test(module, datamodule=dm, verbose=False)[0]
+
+    module.eval()
+    direct = {}
+    with torch.no_grad():
+        for split, dataset in (("fit", dm.build_train_eval_dataset()), ("eval", dm.test_dataset)):
+            batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+            centroids, active = part_centroids(module(batch["image"]), 64)
+            direct[split] = (centroids / 64, active, batch["keypoints"].double() / 64, batch["visible"])
+    expected = keypoint_regression_error(*direct["fit"], *direct["eval"]).item()
+    assert abs(logged["test/keypoint_regression_error"] - expected) < 1e-6 * expected
+    assert {"test/keypoint_nmi", "test/nmi"} & set(logged)  # the usual scores are still there
+
+
+def test_callback_is_opted_in_from_the_command_line(tiny_demo_args):
+    from mpae_lightning.callbacks import KeypointRegressionEvaluation
+    from mpae_lightning.cli import MPAECLI
+
+    cli = MPAECLI(args=[*tiny_demo_args, "--trainer.callbacks+=mpae_lightning.callbacks.KeypointRegressionEvaluation",
+                        "--trainer.callbacks.normalization=image"], run=False)
+    found = [c for c in cli.trainer.callbacks if isinstance(c, KeypointRegressionEvaluation)]
+    assert len(found) == 1 and found[0].normalization == "image"

@@ -1,4 +1,5 @@
-"""Callbacks: a part-map picture every validation epoch, and predicted part maps written to disk."""
+"""Callbacks: a part-map picture every validation epoch, predicted part maps written to disk, and
+the keypoint regression error at test time."""
 from __future__ import annotations
 
 import os
@@ -9,9 +10,12 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from torch.utils.data import DataLoader
 from torchvision.transforms.functional import pil_to_tensor
 
 from .data.base import load_rgb
+from .data.samplers import EvalShardSampler
+from .metrics.keypoint_regression import KeypointRegression
 from .visualize import label_grid, part_grid, resize_labels, save_grid, save_label_png
 
 
@@ -161,3 +165,94 @@ class PartPredictionWriter(BasePredictionWriter):
             tile = tuple(image.shape[-2:])
             panel = label_grid(image[None], part_ids[None], num_parts, tile=tile, normalized=normalized)  # type: ignore[arg-type]
             save_grid(out / f"{stem}_overlay.png", panel)
+
+
+class KeypointRegressionEvaluation(Callback):
+    """Report the keypoint regression error (KPR) of PDiscoNet/PDiscoFormer at test time.
+
+    At the start of testing the regression from part centroids to keypoints is fitted on
+    the DataModule's training images without augmentation (``build_train_eval_dataset()``,
+    sharded across processes like evaluation); the test split is then scored and logged as
+    ``test/keypoint_regression_error`` (percent, lower is better). Data without keypoints is
+    skipped. Opt in from the command line with
+    ``--trainer.callbacks+=mpae_lightning.callbacks.KeypointRegressionEvaluation``.
+
+    Args:
+        normalization: ``"auto"`` uses the DataModule's ``keypoint_normalization`` attribute
+            (CelebA: ``"interocular"``), else ``"bbox"`` when batches carry ``box`` and
+            ``"image"`` otherwise; or name one of ``"bbox"``, ``"interocular"``, ``"image"``.
+        max_fit_images: fit on at most this many training images per process (None: all).
+    """
+
+    def __init__(
+        self,
+        normalization: Literal["auto", "bbox", "interocular", "image"] = "auto",
+        max_fit_images: int | None = None,
+    ) -> None:
+        super().__init__()
+        if normalization not in ("auto", "bbox", "interocular", "image"):
+            raise ValueError(f"normalization must be 'auto', 'bbox', 'interocular' or 'image', got {normalization!r}")
+        self.normalization = normalization
+        self.max_fit_images = max_fit_images
+        self.metric: KeypointRegression | None = None
+
+    def _normalization(self, datamodule: Any, dataset: Any) -> str:
+        if self.normalization != "auto":
+            return self.normalization
+        declared = getattr(datamodule, "keypoint_normalization", None)
+        if declared:
+            return declared
+        return "bbox" if len(dataset) and "box" in dataset[0] else "image"
+
+    @torch.no_grad()
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        self.metric = None
+        if datamodule is None or not getattr(datamodule, "has_keypoints", False):
+            return
+        build = getattr(datamodule, "build_train_eval_dataset", None)
+        if build is None:
+            raise TypeError(f"{type(datamodule).__name__} has no build_train_eval_dataset(): KPR needs training images with keypoints")
+        dataset = build()
+        normalization = self._normalization(datamodule, dataset)
+        self.metric = KeypointRegression(
+            pl_module.model.num_parts + 1, datamodule.num_keypoints, normalization=normalization
+        ).to(pl_module.device)
+        sampler = EvalShardSampler(len(dataset), num_replicas=trainer.world_size, rank=trainer.global_rank)
+        loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, sampler=sampler,
+                            num_workers=getattr(datamodule, "num_workers", 0))
+        seen = 0
+        for batch in loader:
+            if self.max_fit_images is not None and seen >= self.max_fit_images:
+                break
+            self._update(pl_module, batch, None, "fit")
+            seen += batch["image"].shape[0]
+        self.metric.fit()
+
+    def _update(self, pl_module: LightningModule, batch: dict[str, Any], probs: Any, split: str) -> None:
+        assert self.metric is not None
+        if not isinstance(probs, torch.Tensor) or probs.ndim != 4:
+            probs = pl_module(batch["image"].to(pl_module.device))
+        box = batch.get("box")
+        self.metric.update(probs, batch["keypoints"].to(probs.device), batch["visible"].to(probs.device),
+                           pl_module.model.image_size, boxes=box.to(probs.device) if box is not None else None,
+                           split=split)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.metric is not None:
+            self._update(pl_module, batch, outputs, "eval")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.metric is not None:
+            # compute() sums the error statistics of all processes: identical on every rank.
+            pl_module.log("test/keypoint_regression_error", self.metric.compute(), sync_dist=False)
+            self.metric = None

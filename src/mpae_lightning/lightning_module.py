@@ -317,8 +317,10 @@ class MPAEModule(LightningModule):
         self._update_metrics(batch, "val", self.model.part_probabilities(out.logits))
         self._log_losses(self.log_prefix("val"), out.losses, batch["image"].shape[0], on_step=False)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._update_metrics(batch, "test", self.model.predict_parts(batch["image"]))
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        probs = self.model.predict_parts(batch["image"])
+        self._update_metrics(batch, "test", probs)
+        return probs  # handed to test-time callbacks (e.g. KeypointRegressionEvaluation); not kept by Lightning
 
     def validation_outputs(self, images: torch.Tensor, index: torch.Tensor) -> MPAEOutput:
         """Losses, part logits and restored images with the masking noise fixed by each sample's

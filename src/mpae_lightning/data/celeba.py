@@ -97,6 +97,9 @@ class CelebADataModule(PartDataModule):
             the test list (0: the test list, as the authors do; logged as ``val_on_test``).
     """
 
+    #: Keypoint regression error (KPR) divides by the inter-ocular distance (keypoints 0 and 1), as PDiscoNet.
+    keypoint_normalization = "interocular"
+
     def __init__(
         self,
         root: str,
