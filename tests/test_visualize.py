@@ -141,3 +141,14 @@ def test_prediction_writer_original_resolution(tmp_path):
         assert panel.shape[1] == 3 * tile_w + 4 and panel.shape[0] > (30 if resolution == "original" else 16)
     with pytest.raises(ValueError, match="resolution"):
         PartPredictionWriter(resolution="full")
+
+
+def test_fit_with_a_csv_logger_writes_the_validation_picture_as_png(tmp_path, tiny_demo_args):
+    from mpae_lightning.cli import main
+
+    main(["fit", *tiny_demo_args, "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+          f"--trainer.logger.init_args.save_dir={tmp_path / 'csv'}"])
+    pictures = sorted((tmp_path / "csv").rglob("images/val_parts_epoch=000_step=*.png"))
+    assert len(pictures) == 1, "one picture per validation epoch, none for the sanity check"
+    grid = Image.open(pictures[0])
+    assert grid.width == 5 * 128 + 4 * 2 and grid.height > 2 * 128 + 2  # 2 images, headers and legend

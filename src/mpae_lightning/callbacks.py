@@ -23,9 +23,10 @@ class PartVisualization(Callback):
     """Draw the first validation images with their parts every validation epoch.
 
     The grid (image | overlay | part map | ground truth | restored) goes to every logger
-    whose ``experiment`` has ``add_image`` (TensorBoard) under ``val/parts``; when no logger
-    can show images (CSV logger, no logger) it is written as a PNG file instead. Only global
-    rank 0 draws; sanity-check validation is skipped.
+    whose ``experiment`` has ``add_image`` (TensorBoard) under ``<validation prefix>/parts``
+    (``val/parts``, or ``val_on_test/parts`` when validation runs on the test split); when
+    no logger can show images (CSV logger, no logger) it is written as a PNG file instead.
+    Only global rank 0 draws; sanity-check validation is skipped.
 
     Args:
         num_images: images in the grid (0 turns the callback off).
@@ -96,7 +97,9 @@ class PartVisualization(Callback):
         batch, self._batch = self._batch, None
         if batch is None:
             return
-        self.log_grid(trainer, self.render(pl_module, batch, getattr(trainer, "datamodule", None)))
+        # Same prefix as the validation scores (e.g. ``val_on_test`` when validating on the test split).
+        prefix = pl_module.log_prefix("val") if hasattr(pl_module, "log_prefix") else "val"
+        self.log_grid(trainer, self.render(pl_module, batch, getattr(trainer, "datamodule", None)), f"{prefix}/parts")
 
     def log_grid(self, trainer: Trainer, grid: np.ndarray, tag: str = "val/parts") -> list[str]:
         """Send ``grid`` to the loggers that show images, else write a PNG; returns where it went."""
