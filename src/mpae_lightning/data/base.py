@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .resumable import ResumableDataLoader
 from .samplers import EvalShardSampler, MiniGroupBatchSampler, check_mini_group
 from .transforms import eval_transform, scale_keypoints, squash_resize, train_transform
 
@@ -460,7 +461,8 @@ class PartDataModule(LightningDataModule, ABC):
             rank=rank,
             group_by=self.group_by,
         )
-        return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+        # Resumable mid-epoch, with each batch's augmentation seeded by (seed, epoch, batch).
+        return ResumableDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
 
     def _eval_dataloader(self, split: Split) -> DataLoader:
         self._check_distributed_sampler()

@@ -18,7 +18,29 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["EvalShardSampler", "MiniGroupBatchSampler", "check_mini_group", "distributed_info"]
+__all__ = [
+    "EvalShardSampler",
+    "MiniGroupBatchSampler",
+    "SeededBatch",
+    "batch_seed",
+    "check_mini_group",
+    "distributed_info",
+]
+
+
+class SeededBatch(list):
+    """A batch of indices that carries the seed of its random augmentation (``.seed``).
+
+    It pickles with its seed, so a DataLoader worker can seed the batch's transforms from it:
+    augmentation then depends on (seed, epoch, batch) only, not on which worker or how many.
+    """
+
+    seed: int
+
+
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """The augmentation seed of batch ``batch`` (global position in the epoch) of ``epoch``."""
+    return int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1, np.uint32)[0])
 
 
 def check_mini_group(batch_size: int, mini_group: int) -> None:
@@ -81,11 +103,11 @@ class _RankIndexSampler(Sampler[int]):
         self._parent.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        for batch in self._parent:
+        for batch in self._parent._iter_batches(0):
             yield from batch
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self._parent)
+        return sum(len(b) for b in self._parent._iter_batches(0))
 
 
 class MiniGroupBatchSampler(Sampler[list[int]]):
@@ -153,6 +175,7 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         self.group_by = group_by
         self.num_replicas, self.rank = distributed_info(num_replicas, rank)
         self.epoch = 0
+        self._skip = 0  # batches of the next iteration already done (set when resuming mid-epoch)
         self.sampler = _RankIndexSampler(self)
         if self._num_batches_per_rank() == 0:
             raise ValueError(
@@ -164,6 +187,29 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order :meth:`__iter__` yields (called by Lightning every epoch)."""
         self.epoch = int(epoch)
+
+    # -- resuming ------------------------------------------------------------------------------
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume from ``{"seed", "epoch", "batches_done"}`` (this rank's batches already trained on):
+        the next iteration starts at the first batch not yet trained on.
+
+        A finished epoch resumes at the start of the next one. A different ``seed`` is refused,
+        because the saved position would then point into another order.
+        """
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(
+                f"the checkpoint's training order was drawn with data seed {state['seed']}, this run "
+                f"uses seed={self.seed}; set data.init_args.seed={state['seed']} to resume it"
+            )
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= len(self):
+            epoch, done = epoch + 1, 0
+        self.epoch, self._skip = epoch, done
+
+    @property
+    def pending_skip(self) -> int:
+        """Batches the next :meth:`__iter__` skips (non-zero only right after :meth:`load_state_dict`)."""
+        return self._skip
 
     # -- sizes ---------------------------------------------------------------------------------
     def _class_counts(self) -> list[int]:
@@ -225,8 +271,18 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         return [flat[i : i + self.batch_size].tolist() for i in range(0, len(flat), self.batch_size)]
 
     def __iter__(self) -> Iterator[list[int]]:
+        # The skip is taken when the iterator is created (not lazily), so a resumed epoch skips
+        # exactly once, however late the DataLoader asks for the first batch.
+        skip, self._skip = self._skip, 0
+        return self._iter_batches(skip)
+
+    def _iter_batches(self, skip: int) -> Iterator[list[int]]:
         batches = self.epoch_batches()
-        yield from batches[self.rank :: self.num_replicas]
+        positions = range(self.rank, len(batches), self.num_replicas)
+        for pos in list(positions)[skip:]:
+            batch = SeededBatch(batches[pos])
+            batch.seed = batch_seed(self.seed, self.epoch, pos)
+            yield batch
 
 
 class EvalShardSampler(Sampler[int]):
