@@ -257,7 +257,8 @@ class Preemption(Callback):
     mid-epoch loop position, the training loader's position and the random streams. Training
     then raises :class:`~mpae_lightning.errors.Interrupted` (``mpae`` exits with 128 + signal:
     143 for SIGTERM, 130 for SIGINT). A second signal stops at once without a checkpoint. Under
-    DDP the ranks agree (any rank's signal stops all) before saving together.
+    DDP the ranks agree (any rank's signal stops all) before saving together. A signal during
+    the last step of an epoch or its validation checkpoints at the end of the epoch instead.
     """
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -291,14 +292,21 @@ class Preemption(Callback):
         if not pending:
             return
         path = resume_checkpoint_path(trainer)
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last:
+                # Recorded in the checkpoint, so the resumed ModelCheckpoint overwrites this file
+                # instead of writing last-v1.ckpt beside it.
+                cb.last_model_path = str(path)
         trainer.save_checkpoint(path)
         raise Interrupted(pending, str(path), where)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         batches = trainer.num_training_batches
-        total = "" if not isinstance(batches, int) and math.isinf(batches) else f" of {int(batches)}"
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= batches:
+            return  # the epoch's last step: checkpoint after its validation, at the epoch boundary
+        total = "" if math.isinf(batches) else f" of {int(batches)}"
         self._check(trainer, f"epoch {trainer.current_epoch}, step {trainer.global_step} (batch {batch_idx + 1}{total} done)")
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.training or (trainer.state.fn == "fit" and not trainer.sanity_checking):
-            self._check(trainer, f"the end of epoch {trainer.current_epoch} (step {trainer.global_step})")
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Where ModelCheckpoint saves at the end of an epoch: a state Lightning resumes from cleanly.
+        self._check(trainer, f"the end of epoch {trainer.current_epoch} (step {trainer.global_step})")

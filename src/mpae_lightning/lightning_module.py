@@ -289,6 +289,7 @@ class MPAEModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model.compute_losses(batch["image"])
+        self.last_train_losses = {k: v.detach() for k, v in out.losses.items()}  # NonFiniteGuard names bad terms
         self._log_losses("train", out.losses, batch["image"].shape[0], on_step=True)
         return out.total
 

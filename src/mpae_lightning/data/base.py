@@ -309,6 +309,8 @@ class PartDataModule(LightningDataModule, ABC):
                 f"({eval_batch_size}) must be positive"
             )
         check_mini_group(batch_size, mini_group)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 reads data in the main process), got {num_workers}")
         if group_by not in (None, "class"):
             raise ValueError(f"group_by must be None or 'class', got {group_by!r}")
         if image_size < 1 or mask_size < 1:

@@ -1,0 +1,174 @@
+"""Runs that stop loudly, resume exactly, and refuse bad input in one line (the `mpae` command)."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import DEMO_CONFIG, REPO, TINY_DEMO_ARGS
+from mpae_lightning.cli import main
+
+#: Two batches per epoch, so "mid-epoch" and "epoch boundary" are both one step away.
+SHORT = ["--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
+         "--trainer.num_sanity_val_steps=0"]
+
+
+def _args(root: Path, *extra: str) -> list[str]:
+    return ["--config", str(DEMO_CONFIG), *TINY_DEMO_ARGS, *SHORT, f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}", *extra]
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
+def _ckpts(root: Path, name: str = "*.ckpt") -> list[str]:
+    return sorted(glob.glob(str(root / "**" / name), recursive=True))
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "mpae: error:" in line]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run (4 steps): the reference for resumes, and a checkpoint to test with."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert _run(["fit", *_args(root, "--trainer.max_epochs=2")]) == 0
+    return root
+
+
+def _state(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+# ---------------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize(
+    "stop_at, where",
+    [('{"step": 3}', "epoch 1, step 3"), ('{"validation_epoch": 0}', "the end of epoch 0")],
+    ids=["mid-epoch", "epoch-boundary"],
+)
+def test_interrupted_run_resumes_bit_identical(trained, tmp_path, capsys, stop_at, where):
+    signal_at = '--trainer.callbacks+={"class_path": "signal_helpers.SignalAt", "init_args": %s}' % stop_at
+    assert _run(["fit", *_args(tmp_path, "--trainer.max_epochs=2", signal_at)]) == 143
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("mpae: stopped by SIGTERM"))
+    assert where in line and "--ckpt_path last" in line, line
+    saved = _ckpts(tmp_path, "last.ckpt")
+    assert len(saved) == 1 and saved[0] in line
+    assert _run(["fit", *_args(tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last")]) == 0
+    # one run, one folder: the resumed fit continued in version_0 and overwrote its last.ckpt
+    assert [Path(p).name for p in _ckpts(tmp_path, "last*.ckpt")] == ["last.ckpt"]
+    assert {Path(p).parts[-3] for p in _ckpts(tmp_path)} == {"version_0"}
+    reference, resumed = _state(_ckpts(trained, "last.ckpt")[0]), _state(saved[0])
+    assert reference.keys() == resumed.keys()
+    different = [k for k in reference if not torch.equal(reference[k], resumed[k])]
+    assert not different, f"{len(different)} tensors differ after resuming, e.g. {different[:3]}"
+    meta = torch.load(saved[0], map_location="cpu", weights_only=False)
+    assert meta["global_step"] == 4 and {"torch", "numpy", "python"} <= set(meta["callbacks"]["ExactResume"]["train_rng"])
+
+
+def test_ckpt_path_last_without_a_run_fails_clearly(tmp_path, capsys):
+    assert _run(["fit", *_args(tmp_path, "--ckpt_path=last")]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "no checkpoint found" in lines[0] and str(tmp_path) in lines[0], lines
+
+
+def test_explicit_argument_contradicting_checkpoint_is_refused(trained, capsys):
+    ckpt = _ckpts(trained, "last.ckpt")[0]
+    assert _run(["test", *_args(trained, f"--ckpt_path={ckpt}"), "--model.init_args.num_parts=6"]) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "num_parts=6" in lines[0] and "num_parts=4" in lines[0], lines
+    assert "Traceback" not in err
+
+
+def test_test_and_predict_write_into_the_run_folder(trained, capsys):
+    ckpt = _ckpts(trained, "last.ckpt")[0]
+    run = Path(ckpt).parents[1]
+    fit_config = (run / "config.yaml").read_text()
+    assert _run(["test", *_args(trained, f"--ckpt_path={ckpt}")]) == 0
+    scores = yaml.safe_load((run / "test_scores.yaml").read_text())["scores"]
+    assert 0.0 <= scores["test/nmi"] <= 100.0
+    assert (run / "test_config.yaml").is_file() and (run / "config.yaml").read_text() == fit_config
+    assert _run(["predict", *_args(trained, f"--ckpt_path={ckpt}")]) == 0
+    assert len(list((run / "predictions").glob("*_parts.png"))) == 8
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # no new version folders
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+def test_non_finite_loss_stops_at_once_without_checkpoint(tmp_path, capsys):
+    assert _run(["fit", *_args(tmp_path, "--model.init_args.lr=1e6")]) == 1
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "non-finite" in lines[0] and "epoch 0, step 1" in lines[0] and "total=nan" in lines[0]
+    assert "restoration=nan" in lines[0] and "lr (now 1e+06)" in lines[0]
+    assert _ckpts(tmp_path) == []  # nothing saved from the bad state
+
+
+def test_non_finite_steps_can_be_skipped_and_are_counted(tmp_path):
+    assert _run(["fit", *_args(tmp_path, "--model.init_args.lr=1e6", "--non_finite.action=skip")]) == 0
+    ckpt = torch.load(_ckpts(tmp_path, "last.ckpt")[0], map_location="cpu", weights_only=False)
+    assert ckpt["callbacks"]["NonFiniteGuard"]["skipped"] >= 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+# -------------------------------------------------------------------------- pre-emption (signals)
+def _spawn(root: Path, marker: Path) -> subprocess.Popen:
+    slow = ('--trainer.callbacks+={"class_path": "signal_helpers.MarkThenSlow", '
+            f'"init_args": {{"marker": "{marker}", "step": 1}}}}')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mpae_lightning", "fit",
+         *_args(root, "--data.init_args.num_train=32", "--trainer.max_epochs=3", slow)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_sigterm_and_sigint_checkpoint_mid_epoch_and_exit_nonzero(tmp_path, capsys):
+    runs = {sig: (tmp_path / sig.name, tmp_path / f"{sig.name}.started") for sig in (signal.SIGTERM, signal.SIGINT)}
+    procs = {sig: _spawn(root, marker) for sig, (root, marker) in runs.items()}
+    try:
+        deadline = time.monotonic() + 240
+        pending = dict(procs)
+        while pending and time.monotonic() < deadline:
+            for sig, proc in list(pending.items()):
+                if runs[sig][1].exists():
+                    proc.send_signal(sig)
+                    del pending[sig]
+                assert proc.poll() is None or sig not in pending, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        assert not pending, "training never started"
+        outputs = {sig: proc.communicate(timeout=240) for sig, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for sig, (stdout, stderr) in outputs.items():
+        root = runs[sig][0]
+        assert procs[sig].returncode == 128 + sig, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        line = next(line for line in stderr.splitlines() if line.startswith("mpae: stopped by"))
+        assert sig.name in line and "epoch 0, step 2 (batch 2 of 4" in line and "--ckpt_path last" in line, line
+        ckpt = torch.load(_ckpts(root, "last.ckpt")[0], map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == 2 and ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_done"] == 2
+    # and it resumes from where it stopped
+    root = runs[signal.SIGTERM][0]
+    resume = _args(root, "--data.init_args.num_train=32", "--trainer.max_epochs=1", "--ckpt_path=last")
+    assert _run(["fit", *resume]) == 0
+    assert torch.load(_ckpts(root, "last.ckpt")[0], map_location="cpu", weights_only=False)["global_step"] == 4
