@@ -103,7 +103,7 @@ def test_test_and_predict_write_into_the_run_folder(trained, capsys):
     fit_config = (run / "config.yaml").read_text()
     assert _run(["test", *_args(trained, f"--ckpt_path={ckpt}")]) == 0
     scores = yaml.safe_load((run / "test_scores.yaml").read_text())["scores"]
-    assert 0.0 <= scores["test/nmi"] <= 100.0
+    assert 0.0 <= scores["test/mask_nmi"] <= 100.0
     assert (run / "test_config.yaml").is_file() and (run / "config.yaml").read_text() == fit_config
     assert _run(["predict", *_args(trained, f"--ckpt_path={ckpt}")]) == 0
     assert len(list((run / "predictions").glob("*_parts.png"))) == 8
