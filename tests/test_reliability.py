@@ -172,3 +172,111 @@ def test_sigterm_and_sigint_checkpoint_mid_epoch_and_exit_nonzero(tmp_path, caps
     resume = _args(root, "--data.init_args.num_train=32", "--trainer.max_epochs=1", "--ckpt_path=last")
     assert _run(["fit", *resume]) == 0
     assert torch.load(_ckpts(root, "last.ckpt")[0], map_location="cpu", weights_only=False)["global_step"] == 4
+
+
+# -------------------------------------------------------------------- one line per user error
+def _files(tmp: Path) -> dict[str, Path]:
+    """Bad files of every kind a user may point the command at."""
+    files = {
+        "empty": tmp / "empty.ckpt",
+        "garbage": tmp / "garbage.ckpt",
+        "folder": tmp / "a_folder",
+        "no_state": tmp / "no_state_dict.ckpt",
+        "foreign": tmp / "foreign.pth",
+        "file": tmp / "plain_file",
+    }
+    files["empty"].write_bytes(b"")
+    files["garbage"].write_bytes(b"\x00\x01 this is not a checkpoint" * 10)
+    files["folder"].mkdir()
+    torch.save({"epoch": 3}, files["no_state"])
+    torch.save({"layer.weight": torch.zeros(2)}, files["foreign"])
+    files["file"].write_text("a file, not a folder")
+    return files
+
+
+def _image_folder(tmp: Path, corrupt: bool) -> list[str]:
+    root = tmp / "images"
+    (root / "a").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((30, 40, 3), i * 30, np.uint8)).save(root / "a" / f"{i}.png")
+    if corrupt:
+        (root / "a" / "broken.png").write_bytes(b"\x89PNG but truncated")
+    model = [a for a in TINY_DEMO_ARGS if not a.startswith("--data.")]
+    return [*model, "--data=mpae_lightning.data.ImageFolderDataModule", f"--data.init_args.root={root}",
+            "--data.init_args.image_size=64", "--data.init_args.batch_size=4", "--data.init_args.mini_group=2",
+            "--data.init_args.eval_batch_size=4", "--data.init_args.num_workers=2"]
+
+
+# (id, subcommand, extra arguments (may use {name} of _files), words the one error line must contain)
+BAD_INPUTS = [
+    ("num_parts_zero", "fit", ["--model.init_args.num_parts=0"], ["num_parts", "got 0"]),
+    ("num_parts_negative", "fit", ["--model.init_args.num_parts=-3"], ["num_parts", "-3"]),
+    ("num_parts_not_int", "fit", ["--model.init_args.num_parts=abc"], ["model.init_args.num_parts", "abc"]),
+    ("mask_ratio_one", "fit", ["--model.init_args.mask_ratio=1.0"], ["mask_ratio", "1.0"]),
+    ("mask_ratio_negative", "fit", ["--model.init_args.mask_ratio=-0.1"], ["mask_ratio", "-0.1"]),
+    ("batch_vs_mini_group", "fit", ["--data.init_args.batch_size=12"], ["batch_size (12)", "mini_group (8)"]),
+    ("batch_size_zero", "fit", ["--data.init_args.batch_size=0"], ["batch_size (0)"]),
+    ("mini_group_zero", "fit", ["--data.init_args.mini_group=0"], ["mini_group (0)"]),
+    ("eval_batch_size_zero", "fit", ["--data.init_args.eval_batch_size=0"], ["eval_batch_size (0)"]),
+    ("image_size_vs_patch", "fit", ["--data.init_args.image_size=60"], ["image_size=60", "patch size 8"]),
+    ("num_workers_negative", "fit", ["--data.init_args.num_workers=-1"], ["num_workers", "-1"]),
+    ("lr_negative", "fit", ["--model.init_args.lr=-1"], ["learning rate", "-1"]),
+    ("unknown_backbone", "fit", ["--model.init_args.backbone=no_such_vit"], ["no_such_vit"]),
+    ("bad_literal", "fit", ["--non_finite.action=explode"], ["non_finite.action", "explode"]),
+    ("max_epochs_not_int", "fit", ["--trainer.max_epochs=x"], ["trainer.max_epochs", "x"]),
+    ("missing_config", "fit", ["--config=/no/such/config.yaml"], ["/no/such/config.yaml"]),
+    ("unknown_flag", "fit", ["--no_such_flag=3"], ["--no_such_flag"]),
+    ("linked_set_on_model", "fit", ["--model.init_args.image_size=96"], ["model.init_args.image_size=96", "data"]),
+    ("weights_missing", "fit", ["--model.init_args.weights=/no/such/weights.pth"], ["/no/such/weights.pth"]),
+    ("weights_garbage", "fit", ["--model.init_args.weights={garbage}"], ["garbage.ckpt", "could not read"]),
+    ("weights_foreign", "fit", ["--model.init_args.weights={foreign}"], ["foreign.pth", "layer.weight"]),
+    ("ckpt_missing", "test", ["--ckpt_path=/no/such/run.ckpt"], ["/no/such/run.ckpt", "does not exist"]),
+    ("ckpt_empty", "test", ["--ckpt_path={empty}"], ["empty.ckpt", "empty file"]),
+    ("ckpt_garbage", "test", ["--ckpt_path={garbage}"], ["garbage.ckpt", "cannot read"]),
+    ("ckpt_folder", "test", ["--ckpt_path={folder}"], ["a_folder", "is a folder"]),
+    ("ckpt_without_state_dict", "test", ["--ckpt_path={no_state}"], ["no_state_dict.ckpt", "state_dict"]),
+    ("root_dir_under_file", "fit", ["--trainer.default_root_dir={file}/run"], ["trainer.default_root_dir", "plain_file"]),
+    ("log_dir_under_file", "fit", ["--trainer.logger.init_args.save_dir={file}/logs"], ["save_dir", "is a file"]),
+    ("predictions_under_file", "predict", ["--prediction_writer.output_dir={file}/preds"],
+     ["prediction_writer.output_dir", "is a file"]),
+    ("max_epochs_invalid", "fit", ["--trainer.max_epochs=-5"], ["max_epochs", "-5"]),
+]
+
+
+@pytest.mark.parametrize("subcommand, extra, words", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, subcommand, extra, words):
+    files = _files(tmp_path)
+    extra = [a.format(**files) for a in extra]
+    assert _run([subcommand, *_args(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["missing-root", "corrupt-image-in-worker"])
+def test_data_errors_are_one_line_even_from_workers(tmp_path, capsys, corrupt):
+    args = _image_folder(tmp_path, corrupt)
+    if not corrupt:
+        args.append(f"--data.init_args.root={tmp_path / 'nowhere'}")
+    assert _run(["fit", "--config", str(DEMO_CONFIG), *args, f"--trainer.default_root_dir={tmp_path}",
+                 f"--trainer.logger.init_args.save_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
+    assert ("broken.png" in lines[0]) if corrupt else ("nowhere" in lines[0] and "does not exist" in lines[0])
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPAE_DEBUG", "1")
+    with pytest.raises(Exception, match="num_parts"):
+        main(["fit", *_args(tmp_path), "--model.init_args.num_parts=0"])
+
+
+def test_weights_from_a_checkpoint_of_another_shape_is_one_line(trained, tmp_path, capsys):
+    ckpt = _ckpts(trained, "last.ckpt")[0]
+    assert _run(["fit", *_args(tmp_path), f"--model.init_args.weights={ckpt}", "--model.init_args.num_parts=6"]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "does not fit" in lines[0] and "last.ckpt" in lines[0], lines
