@@ -33,7 +33,7 @@ def make_fake_cub(root, write_images=True):
     (root / "images.txt").write_text("".join(f"{i} {p}\n" for i, p, *_ in _IMAGES))
     (root / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, t, *_ in _IMAGES))
     (root / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, _, c, *_ in _IMAGES))
-    (root / "bounding_boxes.txt").write_text("".join(f"{i} 1.0 2.0 10.0 12.0\n" for i, *_ in _IMAGES))
+    (root / "bounding_boxes.txt").write_text("".join(f"{i} {i}.0 2.0 10.0 {10 + i}.0\n" for i, *_ in _IMAGES))
     lines = []
     for i, *_ in _IMAGES:
         for p in range(1, 16):
@@ -93,6 +93,16 @@ def test_test_items_keypoints_scaled_and_visibility(data_cub_root):
             assert torch.allclose(batch["keypoints"][b, p - 1], expected, atol=1e-5)
     # by hand: image 1 (40x30), part 3 at (3.0, 1.5) -> (3 * 28 / 40, 1.5 * 28 / 30) = (2.1, 1.4)
     assert torch.allclose(batch["keypoints"][0, 2], torch.tensor([2.1, 1.4]), atol=1e-5)
+    # bounding boxes scale like keypoints: image 4 (20x40), box (4, 2, 10, 14) -> (5.6, 1.4, 14, 9.8)
+    assert batch["box"].shape == (2, 4)
+    assert torch.allclose(batch["box"][1], torch.tensor([5.6, 1.4, 14.0, 9.8]), atol=1e-5)
+
+
+def test_boxes_are_optional(data_cub_root):
+    os.remove(data_cub_root / "bounding_boxes.txt")
+    dm = _dm(data_cub_root)
+    dm.setup("test")
+    assert "box" not in dm.test_dataset[0] and "keypoints" in dm.test_dataset[0]
 
 
 def test_train_batch(data_cub_root):

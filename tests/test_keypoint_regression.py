@@ -171,3 +171,17 @@ def test_callback_is_opted_in_from_the_command_line(tiny_demo_args):
                         "--trainer.callbacks.normalization=image"], run=False)
     found = [c for c in cli.trainer.callbacks if isinstance(c, KeypointRegressionEvaluation)]
     assert len(found) == 1 and found[0].normalization == "image"
+
+
+def test_callback_picks_the_papers_normalisation():
+    from types import SimpleNamespace
+
+    from mpae_lightning.callbacks import KeypointRegressionEvaluation
+    from mpae_lightning.data import CelebADataModule
+
+    auto = KeypointRegressionEvaluation()
+    with_boxes, without = [{"box": torch.zeros(4)}], [{"keypoints": torch.zeros(15, 2)}]
+    assert auto._normalization(SimpleNamespace(), with_boxes) == "bbox"  # CUB with bounding_boxes.txt
+    assert auto._normalization(SimpleNamespace(), without) == "image"
+    assert auto._normalization(CelebADataModule(root="nowhere"), without) == "interocular"
+    assert KeypointRegressionEvaluation("image")._normalization(SimpleNamespace(), with_boxes) == "image"

@@ -146,12 +146,14 @@ class ImageRecord:
         label: Class id, -1 if unknown.
         keypoints: (P, 2) float (x, y) in original-image pixels, or None.
         visible: (P,) bool, or None.
+        box: (4,) float object box (x, y, width, height) in original-image pixels, or None.
     """
 
     path: str
     label: int = -1
     keypoints: np.ndarray | None = None
     visible: np.ndarray | None = None
+    box: np.ndarray | None = None
 
 
 class _SubsetMaskFn:
@@ -187,7 +189,8 @@ class ImageRecordDataset(Dataset):
 
     Every item has ``image`` (3, S, S) float normalised, ``index`` (position in the list),
     ``path`` and ``label``. In evaluation mode, records with keypoints add ``keypoints`` (P, 2)
-    in pixels of the S×S image and ``visible`` (P,) bool, and ``mask_fn`` (if given) adds
+    in pixels of the S×S image and ``visible`` (P,) bool, records with a box add ``box`` (4,)
+    (x, y, width, height in pixels of the S×S image), and ``mask_fn`` (if given) adds
     ``mask`` (mask_size, mask_size) long. Training items carry only the image and its identity.
 
     Args:
@@ -247,6 +250,10 @@ class ImageRecordDataset(Dataset):
             item["keypoints"] = scale_keypoints(rec.keypoints, width, height, self.image_size)
             vis = rec.visible if rec.visible is not None else np.ones(len(rec.keypoints), dtype=bool)
             item["visible"] = torch.as_tensor(np.asarray(vis, dtype=bool))
+        if rec.box is not None:
+            # Corner and size scale like keypoints (x by S/W, y by S/H).
+            item["box"] = scale_keypoints(np.asarray(rec.box, dtype=np.float64).reshape(2, 2), width, height,
+                                          self.image_size).reshape(4)
         if self.mask_fn is not None:
             item["mask"] = self.mask_fn(index, width, height)
         return item

@@ -68,13 +68,15 @@ def read_cub(root: str, split: Literal["train", "test"]) -> list[ImageRecord]:
 
     Returns:
         One record per image with its 0-based class label, the 15 part locations (x, y) in
-        original-image pixels and their visibility flags.
+        original-image pixels, their visibility flags and, if ``bounding_boxes.txt`` is there,
+        the bird's box (x, y, width, height).
     """
     root = _resolve_root(root)
     images_txt = os.path.join(root, "images.txt")
     split_txt = require_file(os.path.join(root, "train_test_split.txt"), f"the train/test split file of {_EXPECTED}")
     parts_txt = require_file(os.path.join(root, "parts", "part_locs.txt"), f"the part locations of {_EXPECTED}")
     labels_txt = os.path.join(root, "image_class_labels.txt")
+    boxes_txt = os.path.join(root, "bounding_boxes.txt")
 
     images = [(_int(images_txt, r[0]), r[1]) for r in _read_table(images_txt, 2, "image_id path")]
     is_train = {_int(split_txt, r[0]): _int(split_txt, r[1]) for r in _read_table(split_txt, 2, "image_id is_train")}
@@ -86,6 +88,13 @@ def read_cub(root: str, split: Literal["train", "test"]) -> list[ImageRecord]:
         }
 
     ids = {img_id for img_id, _ in images}
+    boxes: dict[int, np.ndarray] = {}
+    if os.path.isfile(boxes_txt):  # optional: the keypoint regression error normalises by it
+        for r in _read_table(boxes_txt, 5, "image_id x y width height"):
+            try:
+                boxes[_int(boxes_txt, r[0])] = np.array([float(v) for v in r[1:5]], dtype=np.float64)
+            except ValueError:
+                raise DatasetFormatError(f"{boxes_txt}: expected float box coordinates, got {r[1:5]!r}") from None
     keypoints = {i: np.zeros((CUB_NUM_KEYPOINTS, 2), dtype=np.float64) for i in ids}
     visible = {i: np.zeros(CUB_NUM_KEYPOINTS, dtype=bool) for i in ids}
     for r in _read_table(parts_txt, 5, "image_id part_id x y visible"):
@@ -113,6 +122,7 @@ def read_cub(root: str, split: Literal["train", "test"]) -> list[ImageRecord]:
                 label=labels.get(img_id, -1),
                 keypoints=keypoints[img_id],
                 visible=visible[img_id],
+                box=boxes.get(img_id),
             )
         )
     check_files_exist([r.path for r in records], images_txt, os.path.join(root, "images"))
@@ -126,8 +136,9 @@ class CUBDataModule(PartDataModule):
     ``parts/part_locs.txt``, ``image_class_labels.txt`` (optional, for ``label``) and
     ``images/<class folder>/<file>.jpg``. Validation, test and predict all use the test split
     (5,794 images, as in the paper; ``val_fraction`` holds out training images for validation instead); ``index`` is the position in that split in ``images.txt``
-    order. Evaluation items carry ``keypoints`` (15, 2) in pixels of the S×S resize and
-    ``visible`` (15,) from the visibility flags.
+    order. Evaluation items carry ``keypoints`` (15, 2) in pixels of the S×S resize,
+    ``visible`` (15,) from the visibility flags and, when ``bounding_boxes.txt`` is there,
+    ``box`` (x, y, width, height in the same pixels; the keypoint regression error divides by it).
 
     Args:
         root: The ``CUB_200_2011`` folder (or the folder that contains it).
