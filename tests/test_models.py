@@ -651,7 +651,7 @@ def test_module_tests_and_predicts_offline_but_fit_fails_fast(no_vgg_download, t
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, max_epochs=1)
     results = trainer.test(module, datamodule=data, verbose=False)
-    assert "test/nmi" in results[0]
+    assert "test/keypoint_nmi" in results[0]
     predictions = trainer.predict(module, datamodule=data)
     assert predictions[0]["labels"].shape == (4, 128, 128)
     assert no_vgg_download == []
