@@ -58,6 +58,11 @@ def read_celeba_list(path: str, image_dir: str) -> list[ImageRecord]:
                 raise DatasetFormatError(
                     f"{path} line {lineno}: landmark coordinates must be numbers: {line!r}"
                 ) from None
+            if not np.isfinite(coords).all():
+                raise DatasetFormatError(
+                    f"{path} line {lineno}: landmark coordinates must be finite numbers (a missing landmark would be "
+                    f"scored at pixel (0, 0)): {line!r}"
+                )
             records.append(
                 ImageRecord(
                     path=os.path.join(image_dir, fields[0]),

@@ -27,26 +27,38 @@ _EXPECTED = (
 )
 
 
-def _read_table(path: str, columns: int, what: str) -> list[list[str]]:
+def _read_table(path: str, columns: int, what: str) -> list[tuple[int, list[str]]]:
+    """``(line number, fields)`` of every non-empty line; exactly ``columns`` fields each."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetFormatError(
+                    f"{path} line {lineno}: not UTF-8 text ({err.reason} at byte {err.start}); expected lines of "
+                    f"{what}; the file may be corrupt or the wrong file"
+                ) from None
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) < columns:
+            if len(parts) != columns:
                 raise DatasetFormatError(
-                    f"{path} line {lineno}: expected {columns} fields ({what}), got {line.strip()!r}"
+                    f"{path} line {lineno}: expected {columns} fields ({what}), got {len(parts)}: {line.strip()[:80]!r}"
                 )
-            rows.append(parts)
+            rows.append((lineno, parts))
     return rows
 
 
-def _int(path: str, value: str) -> int:
+def _int(path: str, value: str, lineno: int | None = None, allowed: tuple[int, ...] | None = None) -> int:
+    where = f"{path} line {lineno}" if lineno is not None else path
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise DatasetFormatError(f"{path}: expected an integer, got {value!r}") from None
+        raise DatasetFormatError(f"{where}: expected an integer, got {value!r}") from None
+    if allowed is not None and number not in allowed:
+        raise DatasetFormatError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+    return number
 
 
 def _resolve_root(root: str) -> str:
@@ -78,13 +90,16 @@ def read_cub(root: str, split: Literal["train", "test"]) -> list[ImageRecord]:
     labels_txt = os.path.join(root, "image_class_labels.txt")
     boxes_txt = os.path.join(root, "bounding_boxes.txt")
 
-    images = [(_int(images_txt, r[0]), r[1]) for r in _read_table(images_txt, 2, "image_id path")]
-    is_train = {_int(split_txt, r[0]): _int(split_txt, r[1]) for r in _read_table(split_txt, 2, "image_id is_train")}
+    images = [(_int(images_txt, r[0], n), r[1]) for n, r in _read_table(images_txt, 2, "image_id path")]
+    is_train = {
+        _int(split_txt, r[0], n): _int(split_txt, r[1], n, allowed=(0, 1))
+        for n, r in _read_table(split_txt, 2, "image_id is_train")
+    }
     labels: dict[int, int] = {}
     if os.path.isfile(labels_txt):
         labels = {
-            _int(labels_txt, r[0]): _int(labels_txt, r[1]) - 1
-            for r in _read_table(labels_txt, 2, "image_id class_id")
+            _int(labels_txt, r[0], n): _int(labels_txt, r[1], n) - 1
+            for n, r in _read_table(labels_txt, 2, "image_id class_id")
         }
 
     ids = {img_id for img_id, _ in images}
@@ -97,17 +112,20 @@ def read_cub(root: str, split: Literal["train", "test"]) -> list[ImageRecord]:
                 raise DatasetFormatError(f"{boxes_txt}: expected float box coordinates, got {r[1:5]!r}") from None
     keypoints = {i: np.zeros((CUB_NUM_KEYPOINTS, 2), dtype=np.float64) for i in ids}
     visible = {i: np.zeros(CUB_NUM_KEYPOINTS, dtype=bool) for i in ids}
-    for r in _read_table(parts_txt, 5, "image_id part_id x y visible"):
-        img_id, part_id = _int(parts_txt, r[0]), _int(parts_txt, r[1])
+    for n, r in _read_table(parts_txt, 5, "image_id part_id x y visible"):
+        img_id, part_id = _int(parts_txt, r[0], n), _int(parts_txt, r[1], n)
         if img_id not in ids:
             continue
         if not 1 <= part_id <= CUB_NUM_KEYPOINTS:
-            raise DatasetFormatError(f"{parts_txt}: part id {part_id} outside 1..{CUB_NUM_KEYPOINTS}")
+            raise DatasetFormatError(f"{parts_txt} line {n}: part id {part_id} outside 1..{CUB_NUM_KEYPOINTS}")
         try:
-            keypoints[img_id][part_id - 1] = (float(r[2]), float(r[3]))
+            xy = (float(r[2]), float(r[3]))
         except ValueError:
-            raise DatasetFormatError(f"{parts_txt}: expected float coordinates, got {r[2]!r} {r[3]!r}") from None
-        visible[img_id][part_id - 1] = _int(parts_txt, r[4]) != 0
+            raise DatasetFormatError(f"{parts_txt} line {n}: expected float coordinates, got {r[2]!r} {r[3]!r}") from None
+        if not all(np.isfinite(xy)):
+            raise DatasetFormatError(f"{parts_txt} line {n}: coordinates must be finite, got {r[2]!r} {r[3]!r}")
+        keypoints[img_id][part_id - 1] = xy
+        visible[img_id][part_id - 1] = _int(parts_txt, r[4], n, allowed=(0, 1)) != 0
 
     want = 1 if split == "train" else 0
     records = []

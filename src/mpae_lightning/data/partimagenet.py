@@ -111,6 +111,33 @@ def part_label_map(
     return out
 
 
+def _require_fields(entry: Any, fields: tuple[str, ...], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise DatasetFormatError(f"{where} is a {type(entry).__name__}, expected a JSON object")
+    missing = [f for f in fields if f not in entry]
+    if missing:
+        raise DatasetFormatError(f"{where} has no {', '.join(repr(f) for f in missing)} (COCO format needs them)")
+
+
+def _check_segmentation(segmentation: Any, where: str) -> None:
+    """Refuse what pycocotools would crash on: polygons must be flat lists of numbers, RLE must have counts and size."""
+    if isinstance(segmentation, list):
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or not all(isinstance(v, (int, float)) for v in polygon):
+                raise DatasetFormatError(
+                    f"{where}: segmentation polygons must be lists of numbers [x1, y1, x2, y2, ...], got {str(polygon)[:60]}"
+                )
+            if len(polygon) >= 6 and len(polygon) % 2:
+                raise DatasetFormatError(f"{where}: a segmentation polygon needs x, y pairs, got {len(polygon)} numbers")
+    elif isinstance(segmentation, dict):
+        if "counts" not in segmentation or "size" not in segmentation:
+            raise DatasetFormatError(f"{where}: RLE segmentation needs 'counts' and 'size', got keys {sorted(segmentation)}")
+    else:
+        raise DatasetFormatError(
+            f"{where}: segmentation must be a list of polygons or an RLE object, got {type(segmentation).__name__}"
+        )
+
+
 @dataclass
 class _ParsedSplit:
     annotation_file: str
@@ -130,6 +157,8 @@ class _MaskFn:
     """Picklable ``mask_fn`` for :class:`ImageRecordDataset` (DataLoader workers may be spawned)."""
 
     def __init__(self, parsed: _ParsedSplit, num_parts: int, mask_size: int) -> None:
+        self.annotation_file = parsed.annotation_file
+        self.file_names = parsed.file_names
         self.sizes = parsed.sizes
         self.annotations = parsed.annotations
         self.num_parts = num_parts
@@ -137,6 +166,11 @@ class _MaskFn:
 
     def __call__(self, index: int, width: int, height: int) -> torch.Tensor:
         h, w = self.sizes[index]
+        if (h, w) != (height, width):
+            raise DatasetFormatError(
+                f"{self.annotation_file}: image {self.file_names[index]} is {width}x{height} pixels but annotated as "
+                f"{w}x{h} (width x height); the annotation belongs to another image or the image was resized"
+            )
         return part_label_map(self.annotations[index], h, w, self.num_parts, self.mask_size)
 
 
@@ -231,14 +265,15 @@ class PartImageNetDataModule(PartDataModule):
         cat_index = {c["id"]: i for i, c in enumerate(categories)}
         per_image: dict[Any, list[tuple[int, Any, Any]]] = {}
         annotated: set[Any] = set()
-        for a in anns:
+        for n, a in enumerate(anns):
+            where = f"{ann_file}: annotation {a.get('id', f'#{n}') if isinstance(a, dict) else f'#{n}'}"
+            _require_fields(a, ("image_id", "category_id", "segmentation"), where)
             annotated.add(a["image_id"])
             if a.get("iscrowd", 0) == 1 or a.get("area", 1) == 0:
                 continue
             if a["category_id"] not in cat_index:
-                raise DatasetFormatError(
-                    f"{ann_file}: annotation {a.get('id')} has unknown category_id {a['category_id']}"
-                )
+                raise DatasetFormatError(f"{where} has unknown category_id {a['category_id']}")
+            _check_segmentation(a["segmentation"], where)
             part = cat_index[a["category_id"]]
             per_image.setdefault(a["image_id"], []).append((part, a["segmentation"], a.get("bbox")))
         parsed = _ParsedSplit(
@@ -247,11 +282,19 @@ class PartImageNetDataModule(PartDataModule):
             category_ids=[c["id"] for c in categories],
             category_names=[str(c.get("name", c["id"])) for c in categories],
         )
-        for img in images:
+        for n, img in enumerate(images):
+            where = f"{ann_file}: image {img.get('file_name', f'#{n}') if isinstance(img, dict) else f'#{n}'}"
+            _require_fields(img, ("id", "file_name", "height", "width"), where)
             if img["id"] not in annotated:
                 continue
+            try:
+                size = (int(img["height"]), int(img["width"]))
+            except (TypeError, ValueError):
+                raise DatasetFormatError(f"{where}: height and width must be integers, got {img['height']!r} x {img['width']!r}") from None
+            if min(size) < 1:
+                raise DatasetFormatError(f"{where}: height and width must be positive, got {size[0]} x {size[1]}")
             parsed.file_names.append(img["file_name"])
-            parsed.sizes.append((int(img["height"]), int(img["width"])))
+            parsed.sizes.append(size)
             parsed.annotations.append(per_image.get(img["id"], []))
         self._parsed[split] = parsed
         return parsed
