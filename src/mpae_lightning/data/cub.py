@@ -105,11 +105,11 @@ def read_cub(root: str, split: Literal["train", "test"]) -> list[ImageRecord]:
     ids = {img_id for img_id, _ in images}
     boxes: dict[int, np.ndarray] = {}
     if os.path.isfile(boxes_txt):  # optional: the keypoint regression error normalises by it
-        for r in _read_table(boxes_txt, 5, "image_id x y width height"):
+        for n, r in _read_table(boxes_txt, 5, "image_id x y width height"):
             try:
-                boxes[_int(boxes_txt, r[0])] = np.array([float(v) for v in r[1:5]], dtype=np.float64)
+                boxes[_int(boxes_txt, r[0], n)] = np.array([float(v) for v in r[1:5]], dtype=np.float64)
             except ValueError:
-                raise DatasetFormatError(f"{boxes_txt}: expected float box coordinates, got {r[1:5]!r}") from None
+                raise DatasetFormatError(f"{boxes_txt} line {n}: expected float box coordinates, got {r[1:5]!r}") from None
     keypoints = {i: np.zeros((CUB_NUM_KEYPOINTS, 2), dtype=np.float64) for i in ids}
     visible = {i: np.zeros(CUB_NUM_KEYPOINTS, dtype=bool) for i in ids}
     for n, r in _read_table(parts_txt, 5, "image_id part_id x y visible"):
