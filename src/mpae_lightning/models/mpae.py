@@ -1,6 +1,7 @@
 """MPAE: Masked Part AutoEncoder (Xia et al., ICCV 2025) as a plain ``nn.Module``."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,11 +215,36 @@ class MPAE(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def _check_images(self, images: torch.Tensor) -> None:
+        """Refuse input the network would fail on deep inside (or silently mis-read); warn once on NaN/inf."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                f"MPAE expects a torch.Tensor (B, 3, S, S), got {type(images).__name__}; for an (B, H, W, 3) uint8 "
+                "array use mpae_lightning.data.transforms.normalize(torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255)"
+            )
+        dtype = self.feature_proj.weight.dtype
+        if not images.is_floating_point():
+            raise TypeError(
+                f"MPAE expects ImageNet-normalised floating images, got dtype {images.dtype}; for 0-255 images use "
+                f"mpae_lightning.data.transforms.normalize(images.to({dtype}) / 255)"
+            )
+        if images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(
+                f"images are {images.dtype} but this MPAE's weights are {dtype}; pass images.to({dtype}) "
+                f"(or model.to({images.dtype}), or run under torch.autocast for mixed precision)"
+            )
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(
                 f"this MPAE was built for {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}"
+            )
+        # Training has the NonFiniteGuard callback; elsewhere one check per call (a device sync) is cheap.
+        if not self.training and not getattr(self, "_warned_non_finite", False) and not bool(torch.isfinite(images).all()):
+            self._warned_non_finite = True
+            warnings.warn(
+                f"MPAE input has {int((~torch.isfinite(images)).sum())} NaN/inf values: the part maps of those "
+                "images will be NaN (warned once per model)",
+                stacklevel=3,
             )
 
     def encode_parts(
