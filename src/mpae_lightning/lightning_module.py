@@ -5,6 +5,7 @@ import inspect
 import os
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,25 +13,18 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from .metrics import KeypointPartMetrics, MaskPartMetrics
-from .models import DEFAULT_BACKBONE, MPAE, is_official_state_dict, load_official_state_dict
+from .models import MPAE, is_official_state_dict, load_official_state_dict
 from .models import MPAEOutput
-from .models.weights import WeightsUnavailableError, is_random, load_state_dict_file
+from .models.weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
 
-#: Scalars logged every training step (each unweighted, plus the weighted total).
-LOGGED_LOSSES = (
-    "total",
-    "restoration",
-    "restoration_l1",
-    "perceptual",
-    "distribution",
-    "total_variation",
-    "entropy",
-    "presence",
-    "presence_foreground",
-    "presence_background",
-    "semantic",
-)
-
+#: MPAE's settings as MPAEModule forwards them (name -> default); built objects stay Python-only.
+MODEL_SETTINGS = {
+    name: param.default
+    for name, param in inspect.signature(MPAE).parameters.items()
+    if name not in ("vgg_features", "backbone_module")
+}
+#: Hyper-parameters older versions saved that are no longer settings (ignored when loading).
+LEGACY_SETTINGS = {"num_visualize"}
 
 #: The frozen public weights, per part: (state-dict prefix, the setting that rebuilds them).
 FROZEN_PARTS = {
@@ -65,32 +59,14 @@ class MPAEModule(LightningModule):
     mode. Image size and mini-group are normally linked from the DataModule by the
     ``mpae`` CLI; in Python they are checked against the DataModule at ``setup``.
 
+    Every setting of :class:`~mpae_lightning.models.MPAE` (``num_parts``, ``image_size``,
+    the widths and depths, the loss weights, ``l1_weight``, ``norm_eps``,
+    ``eval_scale_factor`` ...) is passed through ``**model_kwargs`` and written once, in
+    MPAE; LightningCLI follows the forwarding, so each is ``--model.init_args.<name>``
+    and ``mpae fit --model.help MPAEModule`` documents it. All of them, defaults
+    included, are saved in the hyper-parameters.
+
     Args:
-        num_parts: K, foreground parts (the background is added as the last channel).
-        image_size: input side S; a multiple of the backbone's patch size.
-        feature_dim: C, width of features and descriptors.
-        backbone: timm name of the frozen ViT (default DINOv2 ViT-B/14 with registers).
-        backbone_weights: ``timm`` (download), a local file (timm or Meta DINOv2 ``.pth``) or ``random``.
-        backbone_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny random ViT for demos).
-        descriptor_width: width of the descriptor ViT.
-        descriptor_depth: blocks of the descriptor ViT.
-        descriptor_heads: heads of the descriptor ViT.
-        encoder_width: width of the masked patch encoder.
-        encoder_depth: blocks of the masked patch encoder (paper: 2).
-        encoder_heads: heads of the masked patch encoder.
-        decoder_depth: blocks of the decoder (paper: 2).
-        decoder_heads: heads of the decoder (default C // 64).
-        restore_patch: side of each restored patch (restored image = grid * restore_patch).
-        mask_ratio: fraction of patches hidden from the encoder.
-        mini_group: chunk size of the foreground presence loss (8 single-category, 64 multi-category).
-        arcface_s: ArcFace scale s.
-        arcface_m: ArcFace margin m.
-        presence_weight: lambda_p.
-        distribution_weight: lambda_d.
-        semantic_weight: lambda_s.
-        vgg_weights: ``torchvision`` (download), a local VGG-19 ``.pth`` or ``random``. Only the
-            losses use VGG: it is fetched at the start of fit/validate, never for test/predict.
-        eval_map_size: side of the evaluation map (128 in the paper).
         lr: Adam learning rate (authors' code 5e-4; the supplement says 5e-3).
         weight_decay: Adam weight decay (paper: none).
         milestones: MultiStepLR epochs.
@@ -103,50 +79,36 @@ class MPAEModule(LightningModule):
             sources (``backbone``, ``backbone_weights``, ``vgg_weights``); loading then
             rebuilds them from those sources, so it needs the network or local files.
             Randomly initialised frozen parts are always kept.
+        **model_kwargs: the settings of :class:`~mpae_lightning.models.MPAE`.
     """
 
     def __init__(
         self,
-        num_parts: int = 16,
-        image_size: int = 224,
-        feature_dim: int = 256,
-        backbone: str = DEFAULT_BACKBONE,
-        backbone_weights: str | None = "timm",
-        backbone_kwargs: dict[str, Any] | None = None,
-        descriptor_width: int = 256,
-        descriptor_depth: int = 6,
-        descriptor_heads: int = 8,
-        encoder_width: int = 256,
-        encoder_depth: int = 2,
-        encoder_heads: int = 4,
-        decoder_depth: int = 2,
-        decoder_heads: int | None = None,
-        restore_patch: int = 8,
-        mask_ratio: float = 0.9,
-        mini_group: int = 8,
-        arcface_s: float = 20.0,
-        arcface_m: float = 0.5,
-        presence_weight: float = 1.0,
-        distribution_weight: float = 0.5,
-        semantic_weight: float = 0.25,
-        vgg_weights: str | None = "torchvision",
-        eval_map_size: int = 128,
         lr: float = 5e-4,
         weight_decay: float = 0.0,
         milestones: list[int] | None = None,
         gamma: float = 0.2,
         weights: str | None = None,
         frozen_weights_in_checkpoint: bool = True,
+        **model_kwargs: Any,
     ) -> None:
         super().__init__()
+        for legacy in LEGACY_SETTINGS.intersection(model_kwargs):
+            model_kwargs.pop(legacy)  # saved by older versions; no longer a model setting
+        unknown = sorted(set(model_kwargs) - set(MODEL_SETTINGS))
+        if unknown:
+            raise TypeError(f"MPAEModule got unknown settings {unknown}; MPAE's settings are {sorted(MODEL_SETTINGS)}")
         self.save_hyperparameters()
+        # Every MPAE setting, defaults included, so a checkpoint does not depend on today's defaults.
+        self.hparams.update({k: v for k, v in MODEL_SETTINGS.items() if k not in self.hparams})
+        model_kwargs.update({k: self.hparams[k] for k in MODEL_SETTINGS})
         state, backbone_included = self._read_initial_weights(weights)
         if backbone_included:  # the file supplies the backbone: do not download it
-            backbone_weights = "random"
-        mpae_args = {k: v for k, v in self.hparams.items() if k in inspect.signature(MPAE).parameters}
-        self.model = MPAE(**{**mpae_args, "backbone_weights": backbone_weights, "vgg_weights": vgg_weights})
+            model_kwargs["backbone_weights"] = "random"
         # Where the frozen weights really came from ("random" also when a file supplied them).
-        self._frozen_sources = {"backbone": backbone_weights, "vgg": vgg_weights}
+        self._frozen_sources = {"backbone": model_kwargs["backbone_weights"], "vgg": model_kwargs["vgg_weights"]}
+        # Built objects are Python-only (MPAE itself takes them); LightningCLI offers the rest.
+        self.model = MPAE(vgg_features=None, backbone_module=None, **model_kwargs)
         if state is not None:
             self._load_initial_weights(state, weights)
         self.metrics = nn.ModuleDict()
@@ -193,13 +155,20 @@ class MPAEModule(LightningModule):
         if "backbone" not in left_out:
             kwargs.setdefault("backbone_weights", "random")
         kwargs.setdefault("weights", None)
+        needs = (f"{checkpoint_path} was saved without the frozen {' and '.join(left_out)} weights "
+                 f"(frozen_weights_in_checkpoint=false), so they are rebuilt from their sources {left_out}")
+        for part, info in left_out.items():
+            setting = FROZEN_PARTS[part][1]
+            source = kwargs.get(setting, info[setting])
+            if is_local_file(source) and not Path(source).expanduser().is_file():
+                raise WeightsUnavailableError(
+                    f"{needs}, but {setting}={source} does not exist: pass {setting}=<a local copy> (CLI: "
+                    f"--model.init_args.{setting})"
+                )
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         except WeightsUnavailableError as err:
-            raise WeightsUnavailableError(
-                f"{checkpoint_path} was saved without the frozen {' and '.join(left_out)} weights "
-                f"(frozen_weights_in_checkpoint=false), so they are rebuilt from their sources {left_out}: {err}"
-            ) from None
+            raise WeightsUnavailableError(f"{needs}: {err}") from None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen pretrained weights out when asked, recording where they come from."""
@@ -294,8 +263,9 @@ class MPAEModule(LightningModule):
         return out.total
 
     def _log_losses(self, stage: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
-        for name in LOGGED_LOSSES:
-            # Each term once, under its own name; the total is also what the progress bar shows.
+        # Every scalar: the terms of MPAE's LOSS_TERMS, their parts and the total, each once under
+        # its own name; the total is also what the progress bar shows.
+        for name in [k for k, v in losses.items() if v.ndim == 0]:
             self.log(f"{stage}/{name}", losses[name].detach().float(), on_step=on_step, on_epoch=not on_step,
                      batch_size=batch_size, sync_dist=not on_step, prog_bar=name == "total")
 

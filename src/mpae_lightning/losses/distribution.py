@@ -28,3 +28,17 @@ class EntropyLoss(nn.Module):
 
     def forward(self, similarity: torch.Tensor) -> torch.Tensor:
         return -(similarity * similarity.clamp_min(self.eps).log()).sum(dim=1).mean()
+
+
+class DistributionLoss(nn.Module):
+    """L_d = TV(P) + H(P), reported with its two parts (``total_variation``, ``entropy``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total_variation = TotalVariationLoss()
+        self.entropy = EntropyLoss()
+
+    def forward(self, similarity: torch.Tensor) -> dict[str, torch.Tensor]:
+        total_variation = self.total_variation(similarity)
+        entropy = self.entropy(similarity)
+        return {"distribution": total_variation + entropy, "total_variation": total_variation, "entropy": entropy}

@@ -53,3 +53,22 @@ class MiniGroupPresenceLoss(nn.Module):
         per_part = torch.stack([1 - chunk.amax(dim=0).mean() for chunk in chunks])
         per_image = torch.stack([1 - chunk.amax(dim=1).mean() for chunk in chunks])
         return per_part.mean() + per_image.mean()
+
+
+class PresenceLoss(nn.Module):
+    """L_p = background presence + mini-group foreground presence, reported with both parts.
+
+    Args:
+        mini_group: chunk size of the foreground term (see :class:`MiniGroupPresenceLoss`).
+    """
+
+    def __init__(self, mini_group: int = 8) -> None:
+        super().__init__()
+        self.background = BackgroundPresenceLoss()
+        self.foreground = MiniGroupPresenceLoss(mini_group)
+
+    def forward(self, similarity: torch.Tensor) -> dict[str, torch.Tensor]:
+        background = self.background(similarity)
+        foreground = self.foreground(similarity)
+        return {"presence": background + foreground, "presence_background": background,
+                "presence_foreground": foreground}

@@ -1,7 +1,7 @@
 """Pure-PyTorch MPAE: importable without Lightning."""
 from .backbone import DEFAULT_BACKBONE, FrozenBackbone
 from .descriptor_vit import DescriptorViT
-from .mpae import MPAE, MPAEOutput, PartEncoding
+from .mpae import LOSS_TERMS, MPAE, LossTerm, MPAEOutput, PartEncoding
 from .official_checkpoint import (
     convert_official_state_dict,
     is_official_state_dict,
@@ -17,6 +17,8 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "DescriptorViT",
     "FrozenBackbone",
+    "LOSS_TERMS",
+    "LossTerm",
     "MPAE",
     "MPAEOutput",
     "MaskedRestorer",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,14 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import (
-    ArcFaceSemanticLoss,
-    BackgroundPresenceLoss,
-    EntropyLoss,
-    MiniGroupPresenceLoss,
-    RestorationLoss,
-    TotalVariationLoss,
-)
+from ..losses import ArcFaceSemanticLoss, DistributionLoss, PresenceLoss, RestorationLoss
 from ..losses.precision import at_least_float32
 from .backbone import DEFAULT_BACKBONE, FrozenBackbone
 from .descriptor_vit import DescriptorViT
@@ -57,6 +51,41 @@ class MPAEOutput:
         return self.losses["total"]
 
 
+@dataclass(frozen=True)
+class LossTerm:
+    """One weighted term of MPAE's total loss: a row of :data:`LOSS_TERMS`.
+
+    Attributes:
+        build: makes the loss module (``MPAE.<name>_loss``) from MPAE's constructor arguments.
+        inputs: what the module's forward takes, by name: ``restored``, ``target``,
+            ``similarity``, ``local_features``, ``descriptors``.
+        weight: the MPAE argument holding the term's weight in the total (None: weight 1).
+    """
+
+    build: Callable[[dict[str, Any]], nn.Module]
+    inputs: tuple[str, ...]
+    weight: str | None = None
+
+
+#: MPAE's loss, one row per term: ``total = sum(weight * term)`` in this order. A term's
+#: name is its key in :attr:`MPAEOutput.losses` and its logged name (``train/<name>``); a
+#: module that returns a dict reports its parts too (logged as well). Adding a loss term is
+#: one row here (plus its settings in ``MPAE.__init__``); see docs/method.md for the formulas.
+LOSS_TERMS: dict[str, LossTerm] = {
+    "restoration": LossTerm(
+        lambda a: RestorationLoss(VGGFeatures(a["vgg_weights"], features=a["vgg_features"]), a["l1_weight"]),
+        ("restored", "target"),
+    ),
+    "distribution": LossTerm(lambda a: DistributionLoss(), ("similarity",), "distribution_weight"),
+    "presence": LossTerm(lambda a: PresenceLoss(a["mini_group"]), ("similarity",), "presence_weight"),
+    "semantic": LossTerm(
+        lambda a: ArcFaceSemanticLoss(a["arcface_s"], a["arcface_m"]),
+        ("similarity", "local_features", "descriptors"),
+        "semantic_weight",
+    ),
+}
+
+
 class MPAE(nn.Module):
     """Masked Part AutoEncoder: discovers K parts (+ background, the last channel) per image.
 
@@ -67,9 +96,10 @@ class MPAE(nn.Module):
 
     Args:
         num_parts: K, the number of foreground parts (background is added).
-        image_size: input side S (square images); must be divisible by the patch size.
+        image_size: input side S (square images); must be divisible by the patch size. The
+            ``mpae`` CLI sets it from ``data.init_args.image_size``.
         feature_dim: C, width of F, D and the decoder.
-        backbone: timm model name of the frozen ViT, or ``None`` to run without one
+        backbone: timm model name of the frozen ViT (default DINOv2 ViT-B/14 with registers), or ``None`` to run without one
             (then ``backbone_tokens`` must be passed to every forward, and
             ``backbone_dim``/``patch_size`` given).
         backbone_weights: ``"timm"`` (download), a local file (timm or Meta DINOv2 format) or ``"random"``.
@@ -80,13 +110,14 @@ class MPAE(nn.Module):
         descriptor_depth: blocks of the descriptor ViT.
         descriptor_heads: heads of the descriptor ViT.
         encoder_width: width E of the masked patch encoder.
-        encoder_depth: blocks of the masked patch encoder.
+        encoder_depth: blocks of the masked patch encoder (paper: 2).
         encoder_heads: heads of the masked patch encoder.
-        decoder_depth: blocks of the decoder.
+        decoder_depth: blocks of the decoder (paper: 2).
         decoder_heads: heads of the decoder (``None``: C // 64).
         restore_patch: side of each restored patch; the restored image is (h*p_r)x(w*p_r).
         mask_ratio: fraction of patches hidden from the encoder.
-        mini_group: chunk size of the foreground presence loss.
+        mini_group: chunk size of the foreground presence loss (8 single-category, 64
+            multi-category). The ``mpae`` CLI sets it from ``data.init_args.mini_group``.
         arcface_s: ArcFace logit scale s.
         arcface_m: ArcFace angular margin m.
         presence_weight: lambda_p.
@@ -138,6 +169,7 @@ class MPAE(nn.Module):
         vgg_features: nn.Sequential | None = None,
         backbone_module: nn.Module | None = None,
     ) -> None:
+        settings = dict(locals())  # the loss terms read their settings by name (LOSS_TERMS)
         super().__init__()
         if num_parts < 1:
             raise ValueError(f"num_parts (K foreground parts) must be >= 1, got {num_parts}")
@@ -165,7 +197,9 @@ class MPAE(nn.Module):
         self.grid_size = (image_size // patch_size, image_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.mask_ratio = mask_ratio
-        self.loss_weights = {"presence": presence_weight, "distribution": distribution_weight, "semantic": semantic_weight}
+        self.loss_weights = {
+            name: 1.0 if term.weight is None else float(settings[term.weight]) for name, term in LOSS_TERMS.items()
+        }
         self.eval_scale_factor = float(eval_scale_factor) if eval_scale_factor else eval_map_size / self.grid_size[0]
 
         self.feature_proj = nn.Conv2d(backbone_dim, feature_dim, kernel_size=1, bias=False)
@@ -184,12 +218,8 @@ class MPAE(nn.Module):
             restore_patch,
             norm_eps,
         )
-        self.restoration_loss = RestorationLoss(VGGFeatures(vgg_weights, features=vgg_features), l1_weight)
-        self.total_variation_loss = TotalVariationLoss()
-        self.entropy_loss = EntropyLoss()
-        self.background_presence_loss = BackgroundPresenceLoss()
-        self.foreground_presence_loss = MiniGroupPresenceLoss(mini_group)
-        self.semantic_loss = ArcFaceSemanticLoss(arcface_s, arcface_m)
+        for name, term in LOSS_TERMS.items():
+            setattr(self, f"{name}_loss", term.build(settings))  # restoration_loss, distribution_loss, ...
 
     @property
     def restored_size(self) -> tuple[int, int]:
@@ -198,7 +228,7 @@ class MPAE(nn.Module):
 
     @property
     def mini_group(self) -> int:
-        return self.foreground_presence_loss.mini_group
+        return self.presence_loss.foreground.mini_group
 
     def resolve_vgg(self) -> None:
         """Fetch the VGG-19 weights of the restoration loss now, if not done yet.
@@ -306,21 +336,20 @@ class MPAE(nn.Module):
         if target is None:
             target = F.interpolate(images, size=restored.shape[-2:], mode="bilinear", align_corners=False)
 
-        losses = dict(self.restoration_loss(restored, target))
-        losses["total_variation"] = self.total_variation_loss(similarity)
-        losses["entropy"] = self.entropy_loss(similarity)
-        losses["distribution"] = losses["total_variation"] + losses["entropy"]
-        losses["presence_background"] = self.background_presence_loss(similarity)
-        losses["presence_foreground"] = self.foreground_presence_loss(similarity)
-        losses["presence"] = losses["presence_background"] + losses["presence_foreground"]
-        losses["semantic"] = self.semantic_loss(similarity, enc.local_features, enc.descriptors)
-        w = self.loss_weights
-        losses["total"] = (
-            losses["restoration"]
-            + w["distribution"] * losses["distribution"]
-            + w["presence"] * losses["presence"]
-            + w["semantic"] * losses["semantic"]
-        )
+        inputs = {"restored": restored, "target": target, "similarity": similarity,
+                  "local_features": enc.local_features, "descriptors": enc.descriptors}
+        losses: dict[str, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for name, term in LOSS_TERMS.items():
+            value = getattr(self, f"{name}_loss")(*(inputs[k] for k in term.inputs))
+            if isinstance(value, dict):  # the term with its parts
+                losses.update(value)
+                value = value[name]
+            else:
+                losses[name] = value
+            weighted = value if term.weight is None else self.loss_weights[name] * value
+            total = weighted if total is None else total + weighted
+        losses["total"] = total  # type: ignore[assignment]
         return MPAEOutput(
             losses, enc.descriptors, enc.local_features, similarity, filled, restored, target, masked, enc.logits
         )
