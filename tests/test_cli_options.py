@@ -49,19 +49,20 @@ def test_abstract_datamodule_is_not_offered(capsys):
 @pytest.mark.parametrize("flag", ["--optimizer=Adam", "--lr_scheduler=StepLR"])
 def test_optimizer_flags_are_not_offered(tiny_demo_args, flag, capsys):
     """lr, weight_decay, milestones and gamma are the only way: no second, silently winning one."""
-    with pytest.raises(SystemExit):
-        MPAECLI(args=[*tiny_demo_args, flag], run=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *tiny_demo_args, flag])
+    assert exit_.value.code == 2
     assert flag.split("=")[0] in capsys.readouterr().err
 
 
 def test_linked_setting_given_for_the_model_is_refused(tiny_demo_args, capsys):
     with pytest.raises(SystemExit) as exit_:
-        MPAECLI(args=[*tiny_demo_args, "--model.init_args.image_size=256"], run=False)
+        main(["fit", *tiny_demo_args, "--model.init_args.image_size=256"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "model.init_args.image_size=256" in err and "--data.init_args.image_size" in err
     with pytest.raises(SystemExit):
-        MPAECLI(args=[*tiny_demo_args, "--model.init_args.mini_group=4"], run=False)
+        main(["fit", *tiny_demo_args, "--model.init_args.mini_group=4"])
     assert "--data.init_args.mini_group" in capsys.readouterr().err
     # The data value, also written for the model (as a saved config.yaml does), is fine.
     cli = MPAECLI(args=[*tiny_demo_args, "--model.init_args.image_size=64"], run=False)
