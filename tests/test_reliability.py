@@ -240,6 +240,13 @@ BAD_INPUTS = [
     ("predictions_under_file", "predict", ["--prediction_writer.output_dir={file}/preds"],
      ["prediction_writer.output_dir", "is a file"]),
     ("max_epochs_invalid", "fit", ["--trainer.max_epochs=-5"], ["max_epochs", "-5"]),
+    ("eval_map_size_zero", "fit", ["--model.init_args.eval_map_size=0"], ["eval_map_size", "got 0"]),
+    ("heads_zero", "fit", ["--model.init_args.descriptor_heads=0"], ["descriptor_heads", "got 0"]),
+    ("heads_not_dividing", "fit", ["--model.init_args.descriptor_heads=3"], ["descriptor_width=64", "descriptor_heads=3"]),
+    ("feature_dim_zero", "fit", ["--model.init_args.feature_dim=0"], ["feature_dim", "got 0"]),
+    ("depth_negative", "fit", ["--model.init_args.encoder_depth=-1"], ["encoder_depth", "-1"]),
+    ("mask_size_zero", "fit", ["--data.init_args.mask_size=0"], ["mask_size (0)"]),
+    ("more_ranks_than_batches", "fit", ["--trainer.devices=5"], ["batch_size=8", "5 rank(s)"]),
 ]
 
 
@@ -269,10 +276,25 @@ def test_data_errors_are_one_line_even_from_workers(tmp_path, capsys, corrupt):
     assert ("broken.png" in lines[0]) if corrupt else ("nowhere" in lines[0] and "does not exist" in lines[0])
 
 
-def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    monkeypatch.setenv("MPAE_DEBUG", "1")
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, how):
+    extra = ["--debug"] if how == "flag" else []
+    if how == "env":
+        monkeypatch.setenv("MPAE_DEBUG", "1")
     with pytest.raises(Exception, match="num_parts"):
-        main(["fit", *_args(tmp_path), "--model.init_args.num_parts=0"])
+        main(["fit", *_args(tmp_path), "--model.init_args.num_parts=0", *extra])
+
+
+def test_checkpoint_that_does_not_fit_its_own_settings_is_one_line(trained, tmp_path, capsys):
+    ckpt = torch.load(_ckpts(trained, "last.ckpt")[0], map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["num_parts"] = 6  # settings that no longer match the tensors
+    bad = tmp_path / "edited.ckpt"
+    torch.save(ckpt, bad)
+    args = [a for a in _args(tmp_path) if "num_parts" not in a]  # no explicit K: the checkpoint's is used
+    assert _run(["test", *args, f"--ckpt_path={bad}"]) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "does not fit" in lines[0] and "edited.ckpt" in lines[0] and "Traceback" not in err, lines
 
 
 def test_weights_from_a_checkpoint_of_another_shape_is_one_line(trained, tmp_path, capsys):

@@ -287,7 +287,7 @@ def preflight(config: Any, subcommand: str) -> None:
                         model.configure_optimizers()  # optimizer settings (lr, betas, ...) checked too
             else:
                 _import(spec["class_path"])(**init_args)
-        except (ValueError, TypeError, RuntimeError, KeyError) as err:
+        except (ValueError, TypeError, RuntimeError, KeyError, ArithmeticError) as err:
             # Built from the settings alone, so any refusal is about a setting.
             raise ConfigError(f"{section}.init_args ({spec['class_path'].rsplit('.', 1)[-1]}): {one_line(err)}") from err
     trainer = config["trainer"]

@@ -175,6 +175,17 @@ class MPAE(nn.Module):
             raise ValueError(f"num_parts (K foreground parts) must be >= 1, got {num_parts}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        positive = {"image_size": image_size, "feature_dim": feature_dim, "descriptor_width": descriptor_width,
+                    "descriptor_heads": descriptor_heads, "encoder_width": encoder_width, "encoder_heads": encoder_heads,
+                    "decoder_heads": decoder_heads, "restore_patch": restore_patch, "mini_group": mini_group,
+                    "eval_map_size": eval_map_size}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name, value in {"descriptor_depth": descriptor_depth, "encoder_depth": encoder_depth,
+                            "decoder_depth": decoder_depth}.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if backbone_module is not None:
             self.backbone = backbone_module
         elif backbone is not None:
