@@ -1,75 +1,125 @@
-"""Time MPAE training steps (forward, backward, Adam) and measure peak memory; prints JSON.
+"""Time MPAE training steps (forward, backward, clipping, Adam) and their peak memory; prints JSON.
 
     python benchmarks/train_step.py --device cuda --precision bf16 --batch-size 64 --image-size 224
-    python benchmarks/train_step.py --device cpu --batch-size 2 --steps 2     # smoke run
+    python benchmarks/train_step.py --device cpu --batch-size 4 --steps 10 \\
+        --authors-repo ~/src/MPAE --dinov2-repo ~/src/dinov2         # ours vs the authors' code
+    python benchmarks/train_step.py --base-src .bench_base/src          # ours vs an earlier checkout
+    python benchmarks/train_step.py --device cpu --batch-size 2 --steps 1 --warmup 0   # smoke run
 
 The model is the paper's full-size configuration (DINOv2 ViT-B/14 with registers,
-VGG-19, K=16, C=256) with random weights: speed and memory do not depend on the
-weights' values, and nothing is downloaded.
+VGG-19, K=16, C=256) with random weights; nothing is downloaded. Every implementation
+named runs in this one process, steps alternating between them, so that the ratios
+hold on a shared or throttling machine; each reports the median step time.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 
 import torch
+import torch.nn.functional as F
 
-from mpae_lightning import MPAE
+from _common import (
+    REPO_SRC,
+    add_common_arguments,
+    autocast,
+    build_authors,
+    build_ours,
+    device_name,
+    interleaved,
+    load_models_package,
+    setup_threads,
+    static_bytes,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--num-parts", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    add_common_arguments(parser)
+    parser.add_argument("--compile", action="store_true", help="time ours with MPAE.compile_regions() applied")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
+    setup_threads(args.threads)
     device = torch.device(args.device)
-    model = MPAE(num_parts=args.num_parts, image_size=args.image_size, backbone_weights="random",
-                 vgg_weights="random", mini_group=min(8, args.batch_size)).to(device).train()
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=5e-4)
+    mini_group = min(8, args.batch_size)
+    torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    steps, static, errors, losses = {}, {}, {}, {}
 
-    def step() -> float:
-        with autocast:
-            loss = model.compute_losses(images).total
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 2.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+    def add_ours(name: str, src: str) -> None:
+        torch.manual_seed(0)
+        model, optimizer = build_ours(load_models_package(src, f"_bench_{name}"), args.num_parts, args.image_size,
+                                      mini_group, device)
+        model.train()
+        if args.compile and name == "ours":
+            model.compile_regions()
+        params = model.trainable_parameters()
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    losses = [step() for _ in range(args.steps)]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        def step() -> None:
+            with autocast(device, args.precision):
+                loss = model.compute_losses(images).total
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 2.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[name] = loss.detach()
+
+        steps[name], static[name] = step, lambda: static_bytes(model, optimizer)
+
+    if not args.no_ours:
+        add_ours("ours", REPO_SRC)
+    if args.base_src:
+        add_ours("base", args.base_src)
+    if args.authors_repo:
+        torch.manual_seed(0)
+        model, vgg, optimizer = build_authors(args.authors_repo, args.dinov2_repo, args.num_parts, args.image_size,
+                                              mini_group, device)
+        model.train()
+        model.backbone1.eval()
+        # Their data loader supplies the 8x-downsampled restoration target; made once here.
+        restored = args.image_size // 14 * 8
+        small = F.interpolate(images, size=(restored, restored), mode="bilinear", align_corners=False)
+
+        def authors_step() -> None:
+            with autocast(device, args.precision):
+                presence, restoration, variation, entropy, semantic = model(images, small, vgg, True)
+                loss = restoration + 0.5 * (variation + entropy) + 1.0 * presence + 0.25 * semantic
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+            optimizer.step()
+            losses["authors"] = loss.detach()
+
+        try:
+            authors_step()
+            steps["authors"], static["authors"] = authors_step, lambda: static_bytes(model, vgg, optimizer)
+        except Exception as err:  # noqa: BLE001 - e.g. their BCE refuses autocast
+            errors["authors"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+
+    results = interleaved(steps, static, device, args.steps, args.warmup)
+    for name, result in results.items():
+        result["images_per_second"] = round(args.batch_size / result["seconds"], 1)
+        result["loss_finite"] = bool(torch.isfinite(losses[name]).item())
+    for name, error in errors.items():
+        results[name] = {"error": error}
+    speedup = {
+        f"ours_vs_{other}": round(results[other]["seconds"] / results["ours"]["seconds"], 3)
+        for other in ("base", "authors")
+        if other in steps and "ours" in steps
+    }
+    print(json.dumps({
+        "benchmark": "train_step",
+        "device": device_name(device),
         "precision": args.precision,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "num_parts": args.num_parts,
-        "seconds_per_step": round(seconds, 4),
-        "images_per_second": round(args.batch_size / seconds, 1),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "loss_finite": all(torch.isfinite(torch.tensor(losses)).tolist()),
+        "steps": args.steps,
+        "compile": args.compile,
         "torch": torch.__version__,
-    }
-    print(json.dumps(result))
+        "results": results,
+        "speedup": speedup,
+    }))
 
 
 if __name__ == "__main__":
