@@ -439,3 +439,41 @@ def test_upcast_losses_compute_half_precision_in_float32():
     for dtype in (torch.bfloat16, torch.float16):
         for name, value in _loss_terms(dtype).items():
             assert value.dtype == torch.float32, (dtype, name)
+
+
+# --------------------------------------------------------------------------- mean |a - b| of the restoration loss
+
+
+def test_mean_abs_difference_matches_autograd_for_both_inputs():
+    from mpae_lightning.losses.restoration import mean_abs_difference
+
+    gen = torch.Generator().manual_seed(0)
+    a0, b0 = torch.randn(2, 2, 5, 6, 7, generator=gen, dtype=torch.float64).unbind(0)
+    a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    ours = mean_abs_difference(a, b)
+    (ours * 3).backward()
+    ra, rb = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    ref = (ra - rb).abs().mean()
+    (ref * 3).backward()
+    assert ours.dtype == torch.float64 and ours.item() == pytest.approx(ref.item(), rel=1e-14)
+    assert torch.allclose(a.grad, ra.grad, rtol=0, atol=1e-16) and torch.allclose(b.grad, rb.grad, rtol=0, atol=1e-16)
+    # Only the inputs that need a gradient get one (VGG target taps have no graph).
+    c = a0.clone().requires_grad_(True)
+    mean_abs_difference(c, b0).backward()
+    assert torch.allclose(c.grad, ra.grad / 3, rtol=0, atol=1e-16)
+
+
+def test_mean_abs_difference_gradient_keeps_channels_last_and_upcasts_half():
+    """Autograd's ``(a - b).abs().mean()`` returns an NCHW gradient for channels-last activations, which
+    makes every layer of the channels-last VGG backward mix layouts; this one keeps the layout."""
+    from mpae_lightning.losses.restoration import mean_abs_difference
+
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 8, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    b = torch.randn(2, 8, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+    mean_abs_difference(a, b).backward()
+    assert a.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a.grad, (a - b).detach().sign() / a.numel())
+    half = mean_abs_difference(a.detach().bfloat16(), b.bfloat16())
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx((a.detach().bfloat16().float() - b.bfloat16().float()).abs().mean().item(), rel=1e-2)

@@ -468,6 +468,8 @@ def test_vgg_from_local_files(tmp_path):
         assert index == 30
         for key, value in own.items():
             assert torch.equal(value, features[key]), (name, key)
+            if value.ndim == 4:  # loading copies into the channels-last weights and keeps their layout
+                assert value.is_contiguous(memory_format=torch.channels_last), (name, key)
         assert not vgg.training and all(not p.requires_grad for p in vgg.parameters())
 
 
@@ -731,3 +733,30 @@ def test_training_logits_are_float32_under_bf16_autocast(tiny, images):
     assert probs.dtype == torch.float32
     assert out.descriptors.dtype == torch.bfloat16  # the descriptor ViT itself follows autocast in training
     assert torch.isfinite(out.total)
+
+
+# --------------------------------------------------------------------------- speed: layouts and compiled regions
+
+
+def test_vgg_runs_channels_last_and_computes_the_nchw_taps():
+    """Channels-last VGG (weights and activations) gives the same five taps as plain NCHW layers."""
+    from mpae_lightning.models import VGGFeatures
+    from mpae_lightning.models.vgg import VGG19_TAPS
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    plain = make_layers(cfgs["E"]).double().eval()
+    vgg = VGGFeatures(weights="random").double()
+    vgg._load_features_state(plain.state_dict())
+    convs = [m for block in vgg.slices for m in block if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    taps = vgg(x)
+    expected, y = [], x
+    for a, b in VGG19_TAPS:
+        y = plain[a:b](y)
+        expected.append(y)
+    for tap, ref in zip(taps, expected):
+        assert tap.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(tap, ref, rtol=1e-12, atol=1e-12)
+

@@ -6,9 +6,38 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .precision import at_least_float32
+from .precision import HALF_DTYPES
 
 DEFAULT_LAYER_WEIGHTS = (5 / 32, 5 / 16, 5 / 8, 5 / 4, 5.0)
+
+
+class _MeanAbsDifference(torch.autograd.Function):
+    """``mean|a - b|`` (in at least float32) whose gradient keeps the inputs' memory layout.
+
+    Why not ``(a - b).abs().mean()``: its backward materialises three full-size tensors and
+    returns them contiguous (NCHW) even for channels-last VGG activations, so every layer of
+    the VGG backward then mixes layouts. Here the forward reads the difference once (an L1
+    norm) and the backward is ``sgn(a - b) * grad / n`` in two passes, in ``a``'s layout.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        diff = a - b
+        ctx.save_for_backward(diff)
+        dtype = torch.float32 if diff.dtype in HALF_DTYPES else diff.dtype
+        return torch.linalg.vector_norm(diff, ord=1, dtype=dtype) / diff.numel()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (diff,) = ctx.saved_tensors
+        grad_a = torch.sgn(diff).mul_(grad / diff.numel())
+        grad_b = -grad_a if ctx.needs_input_grad[1] else None
+        return (grad_a if ctx.needs_input_grad[0] else None), grad_b
+
+
+def mean_abs_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``mean|a - b|`` as a scalar in at least float32 (half-precision inputs are reduced in float32)."""
+    return _MeanAbsDifference.apply(a, b)
 
 
 class RestorationLoss(nn.Module):
@@ -33,11 +62,11 @@ class RestorationLoss(nn.Module):
         self.register_buffer("layer_weights", torch.tensor(list(layer_weights), dtype=torch.float32), persistent=False)
 
     def forward(self, restored: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        l1 = (restored - target).abs().mean()
+        l1 = mean_abs_difference(restored, target)
         with torch.no_grad():
             target_taps = self.features(target)
         restored_taps = self.features(restored)
-        terms = torch.stack([at_least_float32((a - b).abs().mean()) for a, b in zip(restored_taps, target_taps)])
+        terms = torch.stack([mean_abs_difference(a, b) for a, b in zip(restored_taps, target_taps)])
         perceptual = (terms * self.layer_weights.to(terms.dtype)).sum()
         return {
             "restoration_l1": l1,

@@ -77,6 +77,10 @@ class VGGFeatures(nn.Module):
             features = _placeholder_features()
             self.source = str(weights)
         self.slices = nn.ModuleList(features[a:b] for a, b in VGG19_TAPS)
+        # Channels-last weights and activations: oneDNN (CPU) and cuDNN (GPU) run these convolutions
+        # and max-pools natively in NHWC, while NCHW costs a layout conversion around every layer.
+        # Loading a state dict copies into these tensors and keeps their layout.
+        self.slices.to(memory_format=torch.channels_last)
         self.register_buffer("ready", torch.tensor(self.source is None))
         self.requires_grad_(False)
         self.eval()
@@ -139,7 +143,9 @@ class VGGFeatures(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) normalised images -> the five relu{1..5}_1 activations (channels-last strides)."""
         self.resolve()
+        x = x.contiguous(memory_format=torch.channels_last)
         taps = []
         for block in self.slices:
             x = block(x)
