@@ -97,6 +97,19 @@ def test_foreground_presence_ignores_background_channel():
     assert MiniGroupPresenceLoss(mini_group=2)(similarity).item() == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("batch, group", [(8, 4), (7, 3), (5, 8), (6, 1)])
+def test_foreground_presence_matches_per_chunk_loop(batch, group):
+    """The batched chunks (whole ones together, the smaller last one apart) equal a loop over chunks."""
+    gen = torch.Generator().manual_seed(batch * 10 + group)
+    similarity = torch.randn(batch, 5, 7, 7, generator=gen, dtype=torch.float64).softmax(dim=1)
+    peaks = torch.nn.functional.avg_pool2d(similarity[:, :-1], 3, stride=1).flatten(2).amax(dim=2).tolist()
+    chunks = [peaks[i : i + group] for i in range(0, batch, group)]
+    per_part = [1 - sum(max(img[k] for img in c) for k in range(4)) / 4 for c in chunks]
+    per_image = [1 - sum(max(img) for img in c) / len(c) for c in chunks]
+    expected = sum(per_part) / len(chunks) + sum(per_image) / len(chunks)
+    assert MiniGroupPresenceLoss(group)(similarity).item() == pytest.approx(expected, rel=1e-13)
+
+
 def test_foreground_presence_rejects_bad_group():
     with pytest.raises(ValueError, match="mini_group"):
         MiniGroupPresenceLoss(mini_group=0)

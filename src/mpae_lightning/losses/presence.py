@@ -49,10 +49,17 @@ class MiniGroupPresenceLoss(nn.Module):
 
     def forward(self, similarity: torch.Tensor) -> torch.Tensor:
         peaks = pooled_part_peaks(similarity[:, :-1]).flatten(2).amax(dim=2)  # (B, K)
-        chunks = peaks.split(self.mini_group, dim=0)
-        per_part = torch.stack([1 - chunk.amax(dim=0).mean() for chunk in chunks])
-        per_image = torch.stack([1 - chunk.amax(dim=1).mean() for chunk in chunks])
-        return per_part.mean() + per_image.mean()
+        # The whole chunks as one (chunks, mini_group, K) tensor, the smaller last chunk apart:
+        # a fixed handful of kernels whatever the batch (a loop over chunks launches ~6 per chunk).
+        full = peaks.shape[0] // self.mini_group * self.mini_group
+        groups = peaks[:full].unflatten(0, (-1, self.mini_group))
+        per_part = [groups.amax(dim=1).mean(dim=1)]
+        per_image = [groups.amax(dim=2).mean(dim=1)]
+        if full < peaks.shape[0]:
+            rest = peaks[full:]
+            per_part.append(rest.amax(dim=0).mean()[None])
+            per_image.append(rest.amax(dim=1).mean()[None])
+        return (1 - torch.cat(per_part)).mean() + (1 - torch.cat(per_image)).mean()
 
 
 class PresenceLoss(nn.Module):

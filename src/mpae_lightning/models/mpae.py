@@ -306,7 +306,6 @@ class MPAE(nn.Module):
         h, w = self.grid_size
         if backbone_tokens.shape[1] != h * w:
             raise ValueError(f"expected {h * w} backbone tokens for a {h}x{w} grid, got {backbone_tokens.shape[1]}")
-        grid = backbone_tokens.transpose(1, 2).reshape(backbone_tokens.shape[0], -1, h, w)
         if float32_head:
             with torch.autocast(device_type=images.device.type, enabled=False):
                 descriptors = self.descriptor_vit(at_least_float32(images))
@@ -316,8 +315,12 @@ class MPAE(nn.Module):
         # every label of the part map, and cost little next to the two ViTs.
         with torch.autocast(device_type=images.device.type, enabled=False):
             weight = at_least_float32(self.feature_proj.weight)  # a 1x1 convolution without bias
-            local_features = F.conv2d(grid.to(weight.dtype), weight)
             dtype = weight.dtype
+            # The 1x1 convolution as one matrix product on the (B, h*w, D) tokens: no transposed copy
+            # of the tokens and no convolution kernel. F is returned as a (B, C, h, w) view of the
+            # (B, h*w, C) product, i.e. with channels-last strides.
+            tokens = backbone_tokens.to(dtype) @ weight.flatten(1).t()
+            local_features = tokens.transpose(1, 2).unflatten(2, (h, w))
             logits = torch.einsum("bkc,bchw->bkhw", descriptors.to(dtype), local_features)
         return PartEncoding(descriptors, local_features, logits)
 
