@@ -760,3 +760,56 @@ def test_vgg_runs_channels_last_and_computes_the_nchw_taps():
         assert tap.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(tap, ref, rtol=1e-12, atol=1e-12)
 
+
+def _compile_regions_of(model: MPAE):
+    x = torch.randn(3, 3, 56, 56, dtype=torch.float64)
+    enc = model.encode_parts(x)
+    return {
+        "part map terms": (model._part_map_terms, (enc.logits, enc.local_features, enc.descriptors)),
+        "descriptor block": (model.descriptor_vit.blocks[0], (torch.randn(3, 20, 32, dtype=torch.float64),)),
+        "encoder block": (model.restorer.encoder_blocks[0], (torch.randn(3, 4, 32, dtype=torch.float64),)),
+        "decoder block": (model.restorer.decoder_blocks[0], (torch.randn(3, 16, 64, dtype=torch.float64),)),
+        "backbone block": (model.backbone.vit.blocks[0], (torch.randn(3, 21, 32, dtype=torch.float64),)),
+    }
+
+
+def test_compiled_regions_have_no_graph_breaks():
+    """What compile_regions compiles traces as one graph each (a break would split it and cost speed)."""
+    torch.manual_seed(0)
+    model = MPAE(**TINY).double().train()
+    for name, (fn, args) in _compile_regions_of(model).items():
+        explanation = torch._dynamo.explain(fn)(*args)
+        assert explanation.graph_count == 1 and explanation.graph_break_count == 0, (name, explanation.break_reasons)
+
+
+def test_compile_regions_keeps_the_function_and_the_state_dict():
+    from mpae_lightning import MPAEModule
+
+    torch.manual_seed(0)
+    model = MPAE(**TINY).double().train()
+    images = torch.randn(3, 3, 56, 56, dtype=torch.float64)
+    noise = torch.rand(3, 16, dtype=torch.float64)
+    reference = model.compute_losses(images, noise=noise)
+    reference.total.backward()
+    grads = [p.grad.clone() for p in model.trainable_parameters()]
+    keys = list(model.state_dict())
+    model.zero_grad()
+    model.compile_regions(backend="eager")  # dynamo capture only: the traced graphs run as they are
+    compiled_blocks = [b for b in model.modules() if getattr(b, "_compiled_call_impl", None) is not None]
+    assert len(compiled_blocks) == 4 and model._compiled_map_terms is not None
+    first = model._compiled_map_terms
+    model.compile_regions(backend="eager")
+    assert model._compiled_map_terms is first  # idempotent
+    out = model.compute_losses(images, noise=noise)
+    out.total.backward()
+    assert list(model.state_dict()) == keys
+    for name in LOSS_KEYS:
+        assert torch.allclose(out.losses[name], reference.losses[name], rtol=1e-12, atol=0), name
+    for p, g in zip(model.trainable_parameters(), grads):
+        assert torch.allclose(p.grad, g, rtol=1e-10, atol=1e-14)
+
+    module = MPAEModule(**TINY, compile=True)
+    assert module.model._compiled_map_terms is None  # compiled when a stage starts, not at construction
+    module.configure_model()
+    assert module.model._compiled_map_terms is not None
+    assert not MPAEModule(**TINY).hparams.compile

@@ -79,6 +79,9 @@ class MPAEModule(LightningModule):
             sources (``backbone``, ``backbone_weights``, ``vgg_weights``); loading then
             rebuilds them from those sources, so it needs the network or local files.
             Randomly initialised frozen parts are always kept.
+        compile: ``torch.compile`` the transformer blocks and the part-map losses
+            (:meth:`MPAE.compile_regions`) when a fit/validate/test/predict starts. Off by default:
+            it pays on GPUs, and the first steps then spend up to a minute compiling.
         **model_kwargs: the settings of :class:`~mpae_lightning.models.MPAE`.
     """
 
@@ -90,6 +93,7 @@ class MPAEModule(LightningModule):
         gamma: float = 0.2,
         weights: str | None = None,
         frozen_weights_in_checkpoint: bool = True,
+        compile: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -202,6 +206,11 @@ class MPAEModule(LightningModule):
                 state.update({k: v for k, v in own.items() if k.startswith(prefix)})
 
     # ------------------------------------------------------------------ set-up
+    def configure_model(self) -> None:
+        """Compile the model's regions if asked (idempotent: Lightning calls this for every stage)."""
+        if self.hparams.compile:
+            self.model.compile_regions()
+
     def setup(self, stage: str) -> None:
         resuming = self._trainer is not None and bool(self._trainer.ckpt_path)
         if stage in ("fit", "validate") and not resuming:

@@ -231,6 +231,7 @@ class MPAE(nn.Module):
         )
         for name, term in LOSS_TERMS.items():
             setattr(self, f"{name}_loss", term.build(settings))  # restoration_loss, distribution_loss, ...
+        self._compiled_map_terms: Callable[..., Any] | None = None  # set by compile_regions()
 
     @property
     def restored_size(self) -> tuple[int, int]:
@@ -341,8 +342,8 @@ class MPAE(nn.Module):
         """
         self.resolve_vgg()  # before the forward: an offline failure comes first, not after it
         enc = self.encode_parts(images, backbone_tokens)
-        similarity = enc.similarity
-        filled = torch.einsum("bkhw,bkc->bchw", similarity, enc.descriptors)
+        map_terms = self._compiled_map_terms or self._part_map_terms
+        similarity, filled, map_values = map_terms(enc.logits, enc.local_features, enc.descriptors)
         if noise is None:
             noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
         ids_keep, masked = random_masking_ids(noise, self.mask_ratio)
@@ -355,7 +356,10 @@ class MPAE(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
         for name, term in LOSS_TERMS.items():
-            value = getattr(self, f"{name}_loss")(*(inputs[k] for k in term.inputs))
+            if name in map_values:  # computed with the part map (compiled region)
+                value = map_values[name]
+            else:
+                value = getattr(self, f"{name}_loss")(*(inputs[k] for k in term.inputs))
             if isinstance(value, dict):  # the term with its parts
                 losses.update(value)
                 value = value[name]
@@ -367,6 +371,48 @@ class MPAE(nn.Module):
         return MPAEOutput(
             losses, enc.descriptors, enc.local_features, similarity, filled, restored, target, masked, enc.logits
         )
+
+    def _part_map_terms(
+        self, logits: torch.Tensor, local_features: torch.Tensor, descriptors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """P = softmax(logits), R = sum_k P_k D_k and every loss term of :data:`LOSS_TERMS` that needs
+        only the part map: the region of the step made of some fifty small kernels, which
+        :meth:`compile_regions` compiles into a few. Returns P, R and ``{name: value}``."""
+        similarity = logits.softmax(dim=1)
+        filled = torch.einsum("bkhw,bkc->bchw", similarity, descriptors)
+        inputs = {"similarity": similarity, "local_features": local_features, "descriptors": descriptors}
+        values = {
+            name: getattr(self, f"{name}_loss")(*(inputs[k] for k in term.inputs))
+            for name, term in LOSS_TERMS.items()
+            if set(term.inputs) <= inputs.keys()
+        }
+        return similarity, filled, values
+
+    def compile_regions(self, **options: Any) -> None:
+        """``torch.compile`` the regions of the step that are many small kernels, in place.
+
+        Each transformer block (frozen backbone, descriptor ViT, masked encoder and decoder)
+        is compiled on its own, and so is the part-map region (softmax, R and the four map
+        losses). Blocks of one kind share one compiled graph, so compilation takes a minute
+        or less, where compiling the whole step takes minutes and breaks the graph at the
+        masking and the VGG. None of these regions has a graph break. Parameters keep their
+        names (state dicts and checkpoints are unchanged); a second call does nothing. Off by
+        default: it pays on GPUs, where the step is launch- and memory-bound, and costs
+        compilation time everywhere.
+
+        Args:
+            options: ``torch.compile`` keyword arguments (default ``dynamic=False``: one graph per
+                input shape, as batch and image size are fixed during training).
+        """
+        if self._compiled_map_terms is not None:
+            return
+        options = {"dynamic": False, **options}
+        blocks = [*self.descriptor_vit.blocks, *self.restorer.encoder_blocks, *self.restorer.decoder_blocks]
+        vit = getattr(self.backbone, "vit", None)
+        blocks += list(getattr(vit, "blocks", []))
+        for block in blocks:
+            block.compile(**options)
+        self._compiled_map_terms = torch.compile(self._part_map_terms, **options)
 
     def predict_parts(
         self,
