@@ -233,6 +233,16 @@ def interleaved(
     }
 
 
+def speedups(results: dict[str, dict[str, Any]], timed: dict[str, Any]) -> dict[str, float]:
+    """Their median time over ours, on the wall clock and (``cpu_...``) on the process CPU time."""
+    out = {}
+    for other in ("base", "authors"):
+        if other in timed and "ours" in timed:
+            out[f"ours_vs_{other}"] = round(results[other]["seconds"] / results["ours"]["seconds"], 3)
+            out[f"cpu_ours_vs_{other}"] = round(results[other]["cpu_seconds"] / results["ours"]["cpu_seconds"], 3)
+    return out
+
+
 def setup_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)

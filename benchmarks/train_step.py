@@ -29,6 +29,7 @@ from _common import (
     interleaved,
     load_models_package,
     setup_threads,
+    speedups,
     static_bytes,
 )
 
@@ -102,11 +103,7 @@ def main() -> None:
         result["loss_finite"] = bool(torch.isfinite(losses[name]).item())
     for name, error in errors.items():
         results[name] = {"error": error}
-    speedup = {
-        f"ours_vs_{other}": round(results[other]["seconds"] / results["ours"]["seconds"], 3)
-        for other in ("base", "authors")
-        if other in steps and "ours" in steps
-    }
+    speedup = speedups(results, steps)
     print(json.dumps({
         "benchmark": "train_step",
         "device": device_name(device),

@@ -1,0 +1,104 @@
+"""Time the inference map (images -> (B, K+1, 128, 128) part probabilities) and its peak memory; prints JSON.
+
+    python benchmarks/predict.py --device cuda --precision bf16 --batch-size 64 --image-size 224
+    python benchmarks/predict.py --device cpu --batch-size 4 --authors-repo ~/src/MPAE --dinov2-repo ~/src/dinov2
+    python benchmarks/predict.py --base-src .bench_base/src       # ours vs an earlier checkout
+
+What ``MPAEModule.predict_step``/``test_step`` compute, under ``torch.inference_mode`` as
+Lightning runs them (bf16: under autocast, as ``precision="bf16-mixed"``). The authors'
+map is their model's evaluation forward (``trainable=False``: F upsampled, then the dot
+product and softmax). Random weights, full-size model, implementations interleaved in
+one process as in ``train_step.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from _common import (
+    REPO_SRC,
+    add_common_arguments,
+    autocast,
+    build_authors,
+    build_ours,
+    device_name,
+    interleaved,
+    load_models_package,
+    setup_threads,
+    speedups,
+    static_bytes,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--compile", action="store_true", help="time ours with MPAE.compile_regions() applied")
+    args = parser.parse_args()
+
+    setup_threads(args.threads)
+    device = torch.device(args.device)
+    mini_group = min(8, args.batch_size)
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    steps, static, errors, shapes = {}, {}, {}, {}
+
+    def add_ours(name: str, src: str) -> None:
+        torch.manual_seed(0)
+        model, _ = build_ours(load_models_package(src, f"_bench_{name}"), args.num_parts, args.image_size,
+                              mini_group, device)
+        model.eval()
+        if args.compile and name == "ours":
+            model.compile_regions()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(device, args.precision):
+                shapes[name] = tuple(model.predict_parts(images).shape)
+
+        steps[name], static[name] = step, lambda: static_bytes(model)
+
+    if not args.no_ours:
+        add_ours("ours", REPO_SRC)
+    if args.base_src:
+        add_ours("base", args.base_src)
+    if args.authors_repo:
+        torch.manual_seed(0)
+        model, _, _ = build_authors(args.authors_repo, args.dinov2_repo, args.num_parts, args.image_size,
+                                    mini_group, device)
+        model.eval()
+
+        def authors_step() -> None:
+            with torch.inference_mode(), autocast(device, args.precision):
+                shapes["authors"] = tuple(model(images).shape)
+
+        try:
+            authors_step()
+            steps["authors"], static["authors"] = authors_step, lambda: static_bytes(model)
+        except Exception as err:  # noqa: BLE001
+            errors["authors"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+
+    results = interleaved(steps, static, device, args.steps, args.warmup)
+    for name, result in results.items():
+        result["images_per_second"] = round(args.batch_size / result["seconds"], 1)
+        result["output_shape"] = list(shapes[name])
+    for name, error in errors.items():
+        results[name] = {"error": error}
+    print(json.dumps({
+        "benchmark": "predict",
+        "device": device_name(device),
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "num_parts": args.num_parts,
+        "steps": args.steps,
+        "compile": args.compile,
+        "torch": torch.__version__,
+        "results": results,
+        "speedup": speedups(results, steps),
+    }))
+
+
+if __name__ == "__main__":
+    main()
