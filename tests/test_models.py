@@ -813,3 +813,40 @@ def test_compile_regions_keeps_the_function_and_the_state_dict():
     module.configure_model()
     assert module.model._compiled_map_terms is not None
     assert not MPAEModule(**TINY).hparams.compile
+
+
+def test_frozen_modules_under_autocast_use_cached_half_weights_with_identical_outputs(tiny, images):
+    """Autocast re-casts frozen (requires_grad=False) weights at every call; the cached copies give the
+    same tokens and taps bit for bit, are made once, and are remade when the weights change."""
+    from mpae_lightning.models.frozen import autocast_weight_copies
+
+    backbone, vgg = tiny.backbone, tiny.restoration_loss.features
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_weight_copies(backbone.vit, "cpu") is not None
+        tokens = backbone(images)
+        plain = backbone.vit.forward_features(images)[:, backbone.num_prefix_tokens :]
+        taps = vgg(images[:, :, :32, :32])
+        x = images[:, :, :32, :32].contiguous(memory_format=torch.channels_last)
+        plain_taps = []
+        for block in vgg.slices:
+            x = block(x)
+            plain_taps.append(x)
+        first = autocast_weight_copies(backbone.vit, "cpu", prefix="vit.")
+        assert autocast_weight_copies(backbone.vit, "cpu", prefix="vit.") is first  # cached
+    assert torch.equal(tokens, plain)
+    assert all(torch.equal(a, b) for a, b in zip(taps, plain_taps))
+    assert all(v.dtype == torch.bfloat16 for v in first.values()) and "vit.blocks.0.attn.qkv.weight" in first
+    assert autocast_weight_copies(backbone.vit, "cpu") is None  # no autocast: the float32 weights as they are
+    weight = backbone.vit.blocks[0].attn.qkv.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            again = autocast_weight_copies(backbone.vit, "cpu", prefix="vit.")
+            assert again is not first
+            assert torch.equal(again["vit.blocks.0.attn.qkv.weight"], (saved * 2).bfloat16())
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert "_autocast_weight_copies" not in str(list(tiny.state_dict()))

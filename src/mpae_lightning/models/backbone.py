@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from .frozen import autocast_weight_copies
 from .weights import WeightsUnavailableError, is_local_file, is_random
 
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
@@ -77,6 +78,17 @@ def _create_timm_vit(name: str, weights: str | None, setting: str, **kwargs: Any
         ) from None
 
 
+class _ForwardFeatures(nn.Module):
+    """A timm ViT's ``forward_features`` as a module's forward."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(images)
+
+
 class FrozenBackbone(nn.Module):
     """A timm ViT used as a frozen feature extractor: returns final-norm patch tokens.
 
@@ -108,13 +120,25 @@ class FrozenBackbone(nn.Module):
         self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
         self.requires_grad_(False)
         self.eval()
+        # forward_features as a module, for functional_call with half-precision weight copies;
+        # set past nn.Module's bookkeeping so that the ViT is not registered (nor saved) twice.
+        object.__setattr__(self, "_features", _ForwardFeatures(self.vit))
 
     def train(self, mode: bool = True) -> "FrozenBackbone":
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(images)
+        """(B, 3, H, W) images -> (B, h*w, D) final-norm patch tokens.
+
+        Under bf16/fp16 autocast the matmul weights come from half-precision copies made once
+        (:func:`autocast_weight_copies`): the same result without re-casting them every call.
+        """
+        copies = autocast_weight_copies(self.vit, images.device.type, prefix="vit.")
+        if copies is None:
+            tokens = self.vit.forward_features(images)
+        else:
+            tokens = torch.func.functional_call(self._features, copies, (images,), strict=False)
         return tokens[:, self.num_prefix_tokens :]
 
     def load_meta_dinov2_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
+from .frozen import autocast_weight_copies
 from .weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
 
 #: Slices of ``vgg19().features`` ending after relu1_1, relu2_1, relu3_1, relu4_1, relu5_1.
@@ -148,6 +149,8 @@ class VGGFeatures(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         taps = []
         for block in self.slices:
-            x = block(x)
+            # Under bf16/fp16 autocast: half-precision weight copies made once, not cast per call.
+            copies = autocast_weight_copies(block, x.device.type)
+            x = block(x) if copies is None else torch.func.functional_call(block, copies, (x,), strict=False)
             taps.append(x)
         return taps
