@@ -70,11 +70,14 @@ class NonFiniteGuard(Callback):
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._bad = None
-        if bool(torch.isfinite(loss.detach()).all()):
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:  # every rank stops or skips together, or DDP would hang
+            finite = not trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if finite:
             return
         terms = getattr(pl_module, "last_train_losses", None) or {"total": loss}
         bad = {k: float(v.detach().float().reshape(-1)[0]) for k, v in terms.items() if not torch.isfinite(v).all()}
-        what = "loss " + ", ".join(f"{k}={v}" for k, v in bad.items())
+        what = "loss " + (", ".join(f"{k}={v}" for k, v in bad.items()) or "on another process")
         if self.action == "stop":
             self._stop(trainer, pl_module, what)
         self._bad = what
