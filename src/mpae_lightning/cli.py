@@ -61,7 +61,7 @@ class MPAECLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         parser_kwargs = {"description": DESCRIPTION, "version": __version__, **kwargs.pop("parser_kwargs", {})}
         kwargs.setdefault("auto_configure_optimizers", False)
-        raw = kwargs.get("args", args[0] if args else None)
+        raw = kwargs.get("args")  # the command line, for telling explicit arguments from config values
         self._raw_args = [str(a) for a in (sys.argv[1:] if raw is None else raw)] if not isinstance(raw, dict) else []
         self._checkpoint: dict[str, Any] | None = None
         super().__init__(
@@ -344,7 +344,9 @@ def main(args: list[str] | None = None) -> None:
                 from .check_data import check_data_main
 
                 raise SystemExit(check_data_main(argv[1:]))
-            MPAECLI(args=argv)
+            if args is None:  # from the console: LightningCLI reads sys.argv (without --debug)
+                sys.argv[1:] = argv
+            MPAECLI(args=None if args is None else argv)
     except Interrupted as stop:
         print(stop.message(), file=sys.stderr)
         raise SystemExit(stop.exit_code) from None

@@ -55,7 +55,7 @@ class NonFiniteGuard(Callback):
         self._bad: str | None = None
 
     def _where(self, trainer: Trainer) -> str:
-        batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
+        batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # 1-based, the batch being trained on
         return f"epoch {trainer.current_epoch}, step {trainer.global_step} (batch {batch} of the epoch)"
 
     def _stop(self, trainer: Trainer, pl_module: LightningModule, what: str) -> None:
