@@ -20,7 +20,7 @@ from .callbacks import PartPredictionWriter, PartVisualization
 from .data.base import PartDataModule
 from .errors import CheckpointError, ConfigError, Interrupted, NonFiniteLossError, find_user_error, one_line
 from .guards import ExactResume, NonFiniteGuard, Preemption, stop_signals
-from .lightning_module import FROZEN_PARTS, MPAEModule, frozen_parts_left_out
+from .lightning_module import FROZEN_PARTS, FROZEN_RECORD, MPAEModule, frozen_parts_left_out
 from .models import MPAE
 from .runs import (
     check_writable,
@@ -119,7 +119,10 @@ class MPAECLI(LightningCLI):
         if ckpt_path:
             # Frozen weights the checkpoint holds are built randomly and then filled from it;
             # those it was saved without are rebuilt from their sources.
-            left_out = frozen_parts_left_out(ckpt_path) if os.path.isfile(ckpt_path) else {}
+            if self._checkpoint is not None:  # already read (memory-mapped) by _parse_ckpt_path
+                left_out = dict(self._checkpoint.get(FROZEN_RECORD) or {})
+            else:
+                left_out = frozen_parts_left_out(ckpt_path) if os.path.isfile(ckpt_path) else {}
             for part, (_, setting) in FROZEN_PARTS.items():
                 if part not in left_out:
                     config["model"]["init_args"][setting] = "random"
