@@ -35,8 +35,9 @@ __all__ = ["ExactResume", "NonFiniteGuard", "Preemption", "capture_rng", "restor
 class NonFiniteGuard(Callback):
     """Stop (or skip the step) when a loss term or gradient is not finite.
 
-    The check runs before backward (the loss) and before the optimizer step (the gradients), so a
-    bad step never updates the weights: the last checkpoint written stays the last good one.
+    The check runs after backward and before the optimizer step, so a bad step never updates
+    the weights: the last checkpoint written stays the last good one. It costs one small
+    reduction and one host sync per optimizer step (loss and total gradient norm together).
 
     Args:
         action: ``"stop"`` raises :class:`~mpae_lightning.errors.NonFiniteLossError` naming the
@@ -52,58 +53,63 @@ class NonFiniteGuard(Callback):
         self.action = action
         self.check_gradients = check_gradients
         self.skipped = 0
-        self._bad: str | None = None
+        self._loss_finite: torch.Tensor | None = None  # over the accumulated micro-batches, on the device
 
     def _where(self, trainer: Trainer) -> str:
         batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # 1-based, the batch being trained on
         return f"epoch {trainer.current_epoch}, step {trainer.global_step} (batch {batch} of the epoch)"
 
-    def _stop(self, trainer: Trainer, pl_module: LightningModule, what: str) -> None:
-        lr = getattr(pl_module, "hparams", {}).get("lr")
-        lr_hint = f"lower model.init_args.lr (now {lr:g})" if isinstance(lr, (int, float)) else "lower the learning rate"
-        last = _last_checkpoint(trainer)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-        raise NonFiniteLossError(
-            f"non-finite {what} at {self._where(trainer)}; training stopped before this update ({kept}); "
-            f"{lr_hint}, keep trainer.gradient_clip_val set, or pass --non_finite.action=skip to skip such steps"
-        )
-
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        self._bad = None
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if trainer.world_size > 1:  # every rank stops or skips together, or DDP would hang
-            finite = not trainer.strategy.reduce_boolean_decision(not finite, all=False)
-        if finite:
-            return
-        terms = getattr(pl_module, "last_train_losses", None) or {"total": loss}
-        bad = {k: float(v.detach().float().reshape(-1)[0]) for k, v in terms.items() if not torch.isfinite(v).all()}
-        what = "loss " + (", ".join(f"{k}={v}" for k, v in bad.items()) or "on another process")
-        if self.action == "stop":
-            self._stop(trainer, pl_module, what)
-        self._bad = what
+        finite = torch.isfinite(loss.detach()).all()  # no host sync here
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        loss_finite, self._loss_finite = self._loss_finite, None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if self._bad is None and self.check_gradients and scaler is None:
-            bad = [n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-            if bad:
-                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-                what = f"gradient of {', '.join(bad[:3])}{more}"
-                if self.action == "stop":
-                    self._stop(trainer, pl_module, what)
-                self._bad = what
-        if self._bad is None:
+        check_grads = self.check_gradients and scaler is None
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None] if check_grads else []
+        finite = loss_finite if loss_finite is not None else torch.tensor(True, device=pl_module.device)
+        if grads:
+            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads)).to(finite.device)
+        ok = bool(finite)  # the one sync per step
+        if trainer.world_size > 1:  # every rank stops or skips together, or DDP would hang
+            ok = not trainer.strategy.reduce_boolean_decision(not ok, all=False)
+        if ok:
             return
+        what = self._describe(pl_module, loss_finite, check_grads)
+        if self.action == "stop":
+            lr = getattr(pl_module, "hparams", {}).get("lr")
+            lr_hint = f"lower model.init_args.lr (now {lr:g})" if isinstance(lr, (int, float)) else "lower the learning rate"
+            last = _last_checkpoint(trainer)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"non-finite {what} at {self._where(trainer)}; training stopped before this update ({kept}); "
+                f"{lr_hint}, keep trainer.gradient_clip_val set, check the input images, or pass "
+                "--non_finite.action=skip to skip such steps"
+            )
         self.skipped += 1
         if self.skipped == 1:
-            rank_zero_warn(f"skipping the step at {self._where(trainer)}: non-finite {self._bad} (counted as train/skipped_steps)")
+            rank_zero_warn(f"skipping the step at {self._where(trainer)}: non-finite {what} (counted as train/skipped_steps)")
         if scaler is None:  # without gradients the optimizer leaves every parameter and its state alone
             optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def _describe(pl_module: LightningModule, loss_finite: torch.Tensor | None, check_grads: bool) -> str:
+        """Name what is not finite (slow path, only after a bad step)."""
+        if loss_finite is not None and not bool(loss_finite):
+            terms = getattr(pl_module, "last_train_losses", None) or {}
+            bad = {k: float(v.detach().float().reshape(-1)[0]) for k, v in terms.items() if not torch.isfinite(v).all()}
+            return "loss " + (", ".join(f"{k}={v}" for k, v in bad.items()) or "(total)")
+        if check_grads:
+            bad_params = [n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if bad_params:
+                more = f" and {len(bad_params) - 3} more" if len(bad_params) > 3 else ""
+                return f"gradient of {', '.join(bad_params[:3])}{more}"
+        return "loss or gradient on another process"
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.action == "skip":
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, reduce_fx="max")
-        self._bad = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped}
