@@ -46,6 +46,7 @@ def test_notebook_is_stored_executed_small_and_public():
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "small run: False" in text, "store the outputs of the default (full) run, not of MPAE_NOTEBOOK_SMALL=1"
+    assert "site-packages" not in text and "/home/" not in text, "stored outputs must not show local paths"
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) >= 4, "the folder, the parts, mpae predict's overlays and the scored parts are shown"
     source = "\n".join(c.source for c in code)
