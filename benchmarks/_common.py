@@ -163,7 +163,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def static_bytes(*objects: nn.Module | torch.optim.Optimizer) -> int:
-    """Bytes held between steps: parameters, buffers and optimizer state (each storage once)."""
+    """Bytes held between steps: parameters, buffers, cached weight copies and optimizer state (each storage once)."""
     seen: set[int] = set()
     total = 0
 
@@ -179,6 +179,9 @@ def static_bytes(*objects: nn.Module | torch.optim.Optimizer) -> int:
         if isinstance(obj, nn.Module):
             for t in list(obj.parameters()) + list(obj.buffers()):
                 add(t)
+            for module in obj.modules():  # half-precision copies of frozen weights, kept between steps
+                for t in (module.__dict__.get("_autocast_weight_copies") or ((), {}))[1].values():
+                    add(t)
         else:
             for state in obj.state.values():
                 for t in state.values():
