@@ -246,7 +246,6 @@ BAD_INPUTS = [
     ("feature_dim_zero", "fit", ["--model.init_args.feature_dim=0"], ["feature_dim", "got 0"]),
     ("depth_negative", "fit", ["--model.init_args.encoder_depth=-1"], ["encoder_depth", "-1"]),
     ("mask_size_zero", "fit", ["--data.init_args.mask_size=0"], ["mask_size (0)"]),
-    ("more_ranks_than_batches", "fit", ["--trainer.devices=5"], ["batch_size=8", "5 rank(s)"]),
 ]
 
 
