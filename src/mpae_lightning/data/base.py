@@ -349,7 +349,11 @@ class PartDataModule(LightningDataModule, ABC):
 
     def build_train_eval_dataset(self) -> Dataset:
         """The training split without augmentation and with its annotations (for ``val_fraction > 0``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot hold out training images (val_fraction > 0)")
+        # A setting error, not a missing feature: every bundled DataModule overrides this.
+        raise ValueError(
+            f"{type(self).__name__} cannot hold out training images: set val_fraction to 0 "
+            "or implement build_train_eval_dataset() in the DataModule"
+        )
 
     def split_source(self, split: Split) -> Split:
         """The split whose data ``split`` reads; splits with the same source share one dataset object.
