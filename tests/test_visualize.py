@@ -152,3 +152,21 @@ def test_fit_with_a_csv_logger_writes_the_validation_picture_as_png(tmp_path, ti
     assert len(pictures) == 1, "one picture per validation epoch, none for the sanity check"
     grid = Image.open(pictures[0])
     assert grid.width == 5 * 128 + 4 * 2 and grid.height > 2 * 128 + 2  # 2 images, headers and legend
+
+
+def test_validation_picture_reuses_the_validation_steps_forward(tmp_path):
+    # The picture is drawn from the logits and restored images the validation step already made.
+    callback = PartVisualization(num_images=2, tile=16)
+    batch = {"image": torch.randn(3, 3, 16, 16), "index": torch.arange(3)}
+    outputs = SimpleNamespace(logits=torch.randn(3, 5, 4, 4), restored=torch.rand(3, 3, 8, 8))
+
+    def second_forward(*args, **kwargs):
+        raise AssertionError("the picture ran the model a second time")
+
+    module = SimpleNamespace(validation_outputs=second_forward, log_prefix=lambda stage: stage,
+                             model=SimpleNamespace(part_probabilities=lambda logits: logits.softmax(dim=1)))
+    trainer = _trainer(tmp_path, [])
+    trainer.__dict__.update(sanity_checking=False, is_global_zero=True, datamodule=None)
+    callback.on_validation_batch_end(trainer, module, outputs, batch, 0)
+    callback.on_validation_epoch_end(trainer, module)
+    assert len(list((tmp_path / "logs" / "images").glob("val_parts_*.png"))) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -48,24 +49,29 @@ class PartVisualization(Callback):
         self.tile = tile
         self.dirpath = dirpath
         self._batch: dict[str, Any] | None = None
+        self._outputs: SimpleNamespace | None = None
 
     @torch.no_grad()
-    def render(self, pl_module: LightningModule, batch: dict[str, Any], datamodule: Any = None) -> np.ndarray:
+    def render(
+        self, pl_module: LightningModule, batch: dict[str, Any], datamodule: Any = None, outputs: Any = None
+    ) -> np.ndarray:
         """The grid of the first ``num_images`` of ``batch`` as (H, W, 3) uint8 RGB.
 
         ``pl_module`` must provide ``validation_outputs(images, index)`` and ``model`` (as
         :class:`~mpae_lightning.MPAEModule` does); ``datamodule`` supplies the ground-truth
         label count and names (``num_mask_labels``, ``part_names``), if it has masks.
+        ``outputs`` (with ``logits`` and ``restored``) reuses a forward already made on
+        ``batch``, as the validation step's; without it the images are run once here.
         """
         n = self.num_images
         images = batch["image"][:n]
-        out = pl_module.validation_outputs(images, batch["index"][:n])
+        out = outputs if outputs is not None else pl_module.validation_outputs(images, batch["index"][:n])
         mask = batch.get("mask")
         names = getattr(datamodule, "part_names", None) if mask is not None else None
         return part_grid(
             images,
-            pl_module.model.part_probabilities(out.logits),
-            restored=out.restored,
+            pl_module.model.part_probabilities(out.logits[:n]),
+            restored=out.restored[:n],
             ground_truth=mask[:n] if mask is not None else None,
             num_gt_labels=getattr(datamodule, "num_mask_labels", None) or None,
             label_names=names or None,
@@ -92,14 +98,19 @@ class PartVisualization(Callback):
             return
         n = self.num_images
         self._batch = {k: v[:n].detach() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        # The validation step's own forward (MPAEModule returns it), so the picture costs no second pass.
+        if hasattr(outputs, "logits") and hasattr(outputs, "restored"):
+            self._outputs = SimpleNamespace(logits=outputs.logits[:n].detach(), restored=outputs.restored[:n].detach())
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         batch, self._batch = self._batch, None
+        outputs, self._outputs = self._outputs, None
         if batch is None:
             return
         # Same prefix as the validation scores (e.g. ``val_on_test`` when validating on the test split).
         prefix = pl_module.log_prefix("val") if hasattr(pl_module, "log_prefix") else "val"
-        self.log_grid(trainer, self.render(pl_module, batch, getattr(trainer, "datamodule", None)), f"{prefix}/parts")
+        grid = self.render(pl_module, batch, getattr(trainer, "datamodule", None), outputs)
+        self.log_grid(trainer, grid, f"{prefix}/parts")
 
     def log_grid(self, trainer: Trainer, grid: np.ndarray, tag: str = "val/parts") -> list[str]:
         """Send ``grid`` to the loggers that show images, else write a PNG; returns where it went."""

@@ -290,12 +290,13 @@ class MPAEModule(LightningModule):
         if f"{stage}_mask" in self.metrics and "mask" in batch:
             self.metrics[f"{stage}_mask"].update(probs, batch["mask"])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        # One pass gives both: losses (masking noise fixed by the sample index, so validation
-        # curves are comparable) and the part map scored by the metrics.
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> MPAEOutput:
+        # One pass gives all: losses (masking noise fixed by the sample index, so validation
+        # curves are comparable), the part map scored by the metrics, and the picture's tensors.
         out = self.validation_outputs(batch["image"], batch["index"])
         self._update_metrics(batch, "val", self.model.part_probabilities(out.logits))
         self._log_losses(self.log_prefix("val"), out.losses, batch["image"].shape[0], on_step=False)
+        return out  # handed to PartVisualization; Lightning keeps no validation outputs
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         probs = self.model.predict_parts(batch["image"])
