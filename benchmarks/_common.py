@@ -52,15 +52,24 @@ def load_models_package(src: str | Path, alias: str) -> ModuleType:
     return importlib.import_module(f"{alias}.models")
 
 
+def uses_fused_adam(src: str | Path) -> bool:
+    """Whether the checkout's ``MPAEModule`` picks Adam's fused kernel without mixed precision.
+
+    Read from its source, because the benchmarks import only ``mpae_lightning.models``."""
+    module = Path(src) / "mpae_lightning" / "lightning_module.py"
+    return module.is_file() and "def _fused_adam" in module.read_text()
+
+
 def build_ours(
-    models: ModuleType, num_parts: int, image_size: int, mini_group: int, device: torch.device
+    models: ModuleType, num_parts: int, image_size: int, mini_group: int, device: torch.device, fused: bool = False
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """MPAE at full size (DINOv2 ViT-B/14 reg4, VGG-19, C=256) with random weights, and its Adam."""
+    """MPAE at full size (DINOv2 ViT-B/14 reg4, VGG-19, C=256) with random weights, and its Adam
+    (``fused``: the fused kernel, as ``MPAEModule`` picks it in full precision)."""
     model = models.MPAE(
         num_parts=num_parts, image_size=image_size, backbone_weights="random", vgg_weights="random",
         mini_group=mini_group,
     ).to(device)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=5e-4)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=5e-4, fused=fused or None)
     return model, optimizer
 
 
@@ -231,18 +240,27 @@ def interleaved(
             # with --threads 1 this tracks the work done better than the wall clock.
             "cpu_seconds": round(statistics.median(cpu_times[name]), 4),
             "peak_memory_gib": round(peaks[name] / 2**30, 2) if device.type == "cuda" else None,
+            "all_seconds": [round(t, 3) for t in times[name]],  # in call order, to see the spread
         }
         for name in names
     }
 
 
 def speedups(results: dict[str, dict[str, Any]], timed: dict[str, Any]) -> dict[str, float]:
-    """Their median time over ours, on the wall clock and (``cpu_...``) on the process CPU time."""
+    """Their median time over ours, on the wall clock and (``cpu_...``) on the process CPU time, and
+    (``paired_...``) the median over rounds of their time over ours in the same round.
+
+    Why the paired ratio: a shared or virtual machine runs in slow and fast phases of several
+    seconds; the two calls of one round share a phase, while the medians of the two lists can fall
+    in different phases and then compare a slow step with a fast one.
+    """
     out = {}
     for other in ("base", "authors"):
         if other in timed and "ours" in timed:
             out[f"ours_vs_{other}"] = round(results[other]["seconds"] / results["ours"]["seconds"], 3)
             out[f"cpu_ours_vs_{other}"] = round(results[other]["cpu_seconds"] / results["ours"]["cpu_seconds"], 3)
+            pairs = zip(results[other]["all_seconds"], results["ours"]["all_seconds"])
+            out[f"paired_ours_vs_{other}"] = round(statistics.median(theirs / ours for theirs, ours in pairs), 3)
     return out
 
 

@@ -31,6 +31,7 @@ from _common import (
     setup_threads,
     speedups,
     static_bytes,
+    uses_fused_adam,
 )
 
 
@@ -49,8 +50,10 @@ def main() -> None:
 
     def add_ours(name: str, src: str) -> None:
         torch.manual_seed(0)
+        # Adam as the checkout's MPAEModule builds it: fused in full precision where it does so.
+        fused = args.precision == "fp32" and uses_fused_adam(src)
         model, optimizer = build_ours(load_models_package(src, f"_bench_{name}"), args.num_parts, args.image_size,
-                                      mini_group, device)
+                                      mini_group, device, fused)
         model.train()
         if args.compile and name == "ours":
             model.compile_regions()

@@ -1,10 +1,12 @@
 """MPAE model pieces on hand-made inputs, a tiny end-to-end model, and one full-size smoke run."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mpae_lightning import MPAE
 from mpae_lightning.models.pos_embed import sincos_pos_embed_2d
@@ -850,3 +852,150 @@ def test_frozen_modules_under_autocast_use_cached_half_weights_with_identical_ou
         with torch.no_grad():
             weight.copy_(saved)
     assert "_autocast_weight_copies" not in str(list(tiny.state_dict()))
+
+
+# --------------------------------------------------------------------------- CPU speed-ups that keep every bit
+
+
+def _unoptimized_copy(vit: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a ViT with the plain torch/timm classes back (what optimize_frozen_vit swapped)."""
+    from timm.layers import LayerScale
+
+    from mpae_lightning.models.frozen import InplaceGELU, InplaceLayerScale, PackedFrozenLinear
+
+    plain = copy.deepcopy(vit)
+    originals = {PackedFrozenLinear: torch.nn.Linear, InplaceGELU: torch.nn.GELU, InplaceLayerScale: LayerScale}
+    for layer in plain.modules():
+        if type(layer) in originals:
+            layer.__class__ = originals[type(layer)]
+            layer.__dict__.pop("_mkl_packed", None)
+    return plain
+
+
+def test_frozen_backbone_cpu_speedups_give_identical_tokens(tiny, images):
+    """Packed MKL GEMMs and in-place GELU/LayerScale change nothing: tokens equal bit for bit in float32
+    (where they engage), under bf16 autocast and with gradients recorded (where they must not), and
+    the state dict keeps its keys."""
+    from mpae_lightning.models.frozen import InplaceGELU, InplaceLayerScale, PackedFrozenLinear
+
+    backbone = tiny.backbone
+    layers = list(backbone.vit.modules())
+    assert sum(isinstance(m, PackedFrozenLinear) for m in layers) == 4  # qkv, proj, fc1, fc2 of the one block
+    assert sum(isinstance(m, InplaceGELU) for m in layers) == 1
+    assert sum(isinstance(m, InplaceLayerScale) for m in layers) == 2
+    plain = _unoptimized_copy(backbone.vit)
+    assert list(plain.state_dict()) == list(backbone.vit.state_dict())
+
+    with torch.no_grad():
+        expected = plain.forward_features(images)
+        assert torch.equal(backbone(images), expected[:, backbone.num_prefix_tokens :])
+    if torch._C.has_mkl:  # the packed path really ran, and kept its packing outside the state dict
+        assert "_mkl_packed" in backbone.vit.blocks[0].mlp.fc1.__dict__
+        assert not any("mkl" in k for k in tiny.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(backbone.vit.forward_features(images), plain.forward_features(images))
+    x = images.clone().requires_grad_(True)  # gradients recorded: plain kernels, nothing overwritten
+    assert torch.equal(backbone.vit.forward_features(x), plain.forward_features(x))
+    double = _unoptimized_copy(backbone.vit).double()
+    optimized64 = copy.deepcopy(backbone.vit).double()
+    with torch.no_grad():
+        assert torch.equal(optimized64.forward_features(images.double()), double.forward_features(images.double()))
+
+
+def test_packed_frozen_linear_repacks_when_the_weight_changes():
+    from mpae_lightning.models.frozen import PackedFrozenLinear
+
+    torch.manual_seed(0)
+    layer = PackedFrozenLinear.convert(torch.nn.Sequential(torch.nn.Linear(24, 40))).requires_grad_(False)[0]
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(-3)  # e.g. load_state_dict copying new weights in
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert torch.equal(layer(x[:, :3]), F.linear(x[:, :3], layer.weight, layer.bias))  # any row count
+        assert torch.equal(layer(x.transpose(0, 1)), F.linear(x.transpose(0, 1), layer.weight, layer.bias))
+    PackedFrozenLinear.pack_cpu_weights = False
+    try:
+        layer.__dict__.pop("_mkl_packed", None)
+        with torch.no_grad():
+            layer(x)
+        assert "_mkl_packed" not in layer.__dict__  # opted out: no packed copy made
+    finally:
+        PackedFrozenLinear.pack_cpu_weights = True
+
+
+def test_descriptor_last_block_computes_only_the_query_rows():
+    """The last block attends from the K+1 queries only; in float64 the descriptors and every gradient
+    equal those of computing all rows and keeping the queries."""
+    from mpae_lightning.models.descriptor_vit import DescriptorViT
+
+    torch.manual_seed(0)
+    vit = DescriptorViT(5, 24, (3, 3), 8, width=32, depth=2, num_heads=4).double()
+    images = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+
+    def all_rows(images: torch.Tensor) -> torch.Tensor:
+        x = vit.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([vit.part_queries.expand(x.shape[0], -1, -1), x], dim=1)
+        x = vit.norm_pre(x + vit.pos_embed)
+        for block in vit.blocks:
+            x = block(x)
+        assert x.shape[1] == 5 + 9
+        return vit.head(vit.norm_post(x[:, :5]))
+
+    expected = all_rows(images)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(vit.parameters()))
+    out = vit(images)
+    grads = torch.autograd.grad(out.square().sum(), list(vit.parameters()))
+    assert torch.allclose(out, expected, rtol=0, atol=1e-13)
+    for g, e in zip(grads, expected_grads):
+        assert torch.allclose(g, e, rtol=0, atol=1e-12)
+    rows = vit.blocks[-1](torch.randn(2, 14, 32, dtype=torch.float64), num_queries=5)
+    assert rows.shape == (2, 5, 32)
+
+
+def test_vgg_packed_cpu_path_gives_identical_taps_and_input_gradient():
+    """CPU float32: each convolution and its ReLU run as one oneDNN call on weights packed once; the taps
+    and the gradient reaching the restored image equal the plain layers' bit for bit. The packed copies
+    stay out of the state dict, copies and pickles, and are remade when the weights change."""
+    import pickle
+
+    from mpae_lightning.models import VGGFeatures
+    from mpae_lightning.models.vgg import FrozenConvReLU, packed_conv_relu_applies
+
+    torch.manual_seed(0)
+    vgg = VGGFeatures(weights="random")
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    probes = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(vgg(x.detach()))]
+
+    def taps_and_grad(pack: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        vgg.pack_cpu_weights = pack
+        taps = vgg(x)
+        return taps, torch.autograd.grad(sum((t * p).sum() for t, p in zip(taps, probes)), x)[0]
+
+    if not packed_conv_relu_applies(x, vgg.slices):
+        pytest.skip("this torch has no oneDNN")
+    try:
+        packed_taps, packed_grad = taps_and_grad(True)
+        assert type(packed_taps[0].grad_fn).__name__ == f"{FrozenConvReLU.__name__}Backward"  # the packed path ran
+        plain_taps, plain_grad = taps_and_grad(False)
+    finally:
+        vgg.pack_cpu_weights = True
+    assert all(torch.equal(a, b) for a, b in zip(packed_taps, plain_taps))
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in packed_taps)
+    assert torch.equal(packed_grad, plain_grad)
+    assert "_packed_cpu_convs" in vgg.__dict__ and not any("packed" in k for k in vgg.state_dict())
+    pickle.loads(pickle.dumps(copy.deepcopy(vgg)))  # opaque packed tensors are dropped, not copied
+    first = vgg.slices[0][0]
+    with torch.no_grad():
+        first.weight.mul_(2)  # new weights (e.g. load_state_dict): packed again
+        repacked = vgg(x)[0]
+        vgg.pack_cpu_weights = False
+        assert torch.equal(repacked, vgg(x)[0])
+        vgg.pack_cpu_weights = True
+    # Not for float64 (parity), autocast or trainable weights: the plain layers run there.
+    assert not packed_conv_relu_applies(x.double(), vgg.slices)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not packed_conv_relu_applies(x, vgg.slices)
+    first.weight.requires_grad_(True)
+    assert not packed_conv_relu_applies(x, vgg.slices)
+    first.weight.requires_grad_(False)

@@ -106,3 +106,28 @@ def test_a_loss_term_is_one_row_of_the_table(monkeypatch):
     assert all(torch.equal(after[k], before[k]) for k in before if k != "total")
     expected = before["total"] + TINY["semantic_weight"] * 2.0
     assert torch.allclose(after["total"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("32-true", True), ("64-true", True), ("bf16-mixed", False)])
+def test_adam_is_fused_where_lightning_allows_clipping_it(precision, fused):
+    """Full precision: Adam's fused kernel (one pass instead of ~8 kernels per tensor). Mixed precision:
+    the default, since Lightning refuses gradient clipping (the paper's 2.0) with fused optimizers there."""
+    module = MPAEModule(**TINY)
+    trainer = lightning.Trainer(precision=precision, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                gradient_clip_val=2.0)
+    module.trainer = trainer
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert bool(optimizer.defaults["fused"]) is fused
+    if fused:  # and it does step (clipping included) like the default Adam
+        for p in module.model.trainable_parameters():
+            p.grad = torch.ones_like(p)
+        trainer.precision_plugin.clip_gradients(optimizer, 2.0)
+        reference = torch.optim.Adam([p.detach().clone().requires_grad_() for p in module.model.trainable_parameters()],
+                                     lr=module.hparams.lr)
+        for p, q in zip(module.model.trainable_parameters(), reference.param_groups[0]["params"]):
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+        for p, q in zip(module.model.trainable_parameters(), reference.param_groups[0]["params"]):
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+    assert MPAEModule(**TINY).configure_optimizers()["optimizer"].defaults["fused"] is None  # no Trainer: the default

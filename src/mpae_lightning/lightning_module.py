@@ -253,12 +253,32 @@ class MPAEModule(LightningModule):
                 self.metrics[f"{split}_mask"] = MaskPartMetrics(num_mask_labels, k1)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        params = self.model.trainable_parameters()
         optimizer = torch.optim.Adam(
-            self.model.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=self._fused_adam(params) or None
         )
         milestones = self.hparams.milestones or []
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=self.hparams.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _fused_adam(self, params: list[nn.Parameter]) -> bool:
+        """Adam's fused kernel (one pass over all parameters) where the Trainer allows it.
+
+        Why: on the CPU the default Adam is a Python loop of ~8 kernels per parameter (20 ms a
+        step for MPAE's 139 tensors; fused: 8 ms). Lightning refuses gradient clipping with fused
+        optimizers under mixed precision (they unscale internally), so those keep the default.
+        """
+        from lightning.pytorch.plugins.precision import DoublePrecision, Precision
+
+        try:
+            from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        except ImportError:  # pragma: no cover - a torch without the helper: keep the default
+            return False
+        trainer = self._trainer
+        if trainer is None or type(trainer.precision_plugin) not in (Precision, DoublePrecision):
+            return False
+        devices = _get_fused_kernels_supported_devices()
+        return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
     # ---------------------------------------------------------------- training
     def forward(self, images: torch.Tensor) -> torch.Tensor:

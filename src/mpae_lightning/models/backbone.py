@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from .frozen import autocast_weight_copies
+from .frozen import autocast_weight_copies, optimize_frozen_vit
 from .weights import WeightsUnavailableError, is_local_file, is_random
 
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
@@ -120,6 +120,7 @@ class FrozenBackbone(nn.Module):
         self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
         self.requires_grad_(False)
         self.eval()
+        optimize_frozen_vit(self.vit)  # packed CPU GEMMs, in-place GELU and LayerScale: the same bits, faster
         # forward_features as a module, for functional_call with half-precision weight copies;
         # set past nn.Module's bookkeeping so that the ViT is not registered (nor saved) twice.
         object.__setattr__(self, "_features", _ForwardFeatures(self.vit))

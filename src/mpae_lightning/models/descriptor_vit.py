@@ -47,11 +47,25 @@ class DescriptorAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # MultiheadAttention's initialisation
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, N, W) -> (B, N, W), plus the head-averaged (B, N, N) attention if ``return_weights``."""
+    def forward(
+        self, x: torch.Tensor, return_weights: bool = False, num_queries: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, W) -> (B, N, W), plus the head-averaged (B, N, N) attention if ``return_weights``.
+
+        With ``num_queries = n`` only the first n tokens attend (to all N): (B, n, W) out,
+        the same rows as the full call, for n/N of the query-side work.
+        """
         b, n, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, w // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        heads, dim = self.num_heads, w // self.num_heads
+        if num_queries is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+            q, k, v = qkv.view(b, n, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # queries from the first rows only; keys and values from all (rows of in_proj: q, k, v)
+            q = F.linear(x[:, :num_queries], self.in_proj_weight[:w], self.in_proj_bias[:w])
+            q = q.view(b, num_queries, heads, dim).transpose(1, 2)
+            kv = F.linear(x, self.in_proj_weight[w:], self.in_proj_bias[w:])
+            k, v = kv.view(b, n, 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+            n = num_queries
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
         weights = None
         if return_weights:  # explicit maps for visualisation only; never on the training path
@@ -76,11 +90,18 @@ class DescriptorBlock(nn.Module):
         self.attention_maps: torch.Tensor | None = None
         self.keep_attention = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, weights = self.attn(self.norm1(x), return_weights=self.keep_attention)
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        """(B, N, W) -> (B, N, W); with ``num_queries = n``, only the first n outputs, (B, n, W).
+
+        The descriptor ViT reads out only its query tokens, so its last block computes just
+        those rows: attention from the n queries to all tokens, then the MLP on n rows.
+        """
+        if self.keep_attention:  # the maps need every row
+            num_queries = None
+        y, weights = self.attn(self.norm1(x), return_weights=self.keep_attention, num_queries=num_queries)
         if self.keep_attention:
             self.attention_maps = weights  # (B, N, N), averaged over heads
-        x = x + y
+        x = (x if num_queries is None else x[:, :num_queries]) + y
         return x + self.mlp(self.norm2(x))
 
 
@@ -133,6 +154,7 @@ class DescriptorViT(nn.Module):
             )
         x = torch.cat([self.part_queries.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.norm_pre(x + self.pos_embed.to(x.dtype))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            # Only the query rows of the last block are read out: it computes just those.
+            x = block(x, num_queries=self.num_parts) if i == len(self.blocks) - 1 else block(x)
         return self.head(self.norm_post(x[:, : self.num_parts]))

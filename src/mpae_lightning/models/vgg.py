@@ -48,6 +48,68 @@ def _pretrained_state(weights: str, setting: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def packed_conv_relu_applies(x: torch.Tensor, slices: nn.Module) -> bool:
+    """Whether :class:`FrozenConvReLU` can run ``slices`` on ``x``: CPU float32 without autocast, oneDNN
+    present, and every convolution a frozen 3x3 "same" convolution (stride 1) followed by a ReLU."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    for block in slices:
+        layers = list(block)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Conv2d):
+                same = layer.padding == tuple((k - 1) // 2 for k in layer.kernel_size)
+                plain = layer.stride == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1 and same
+                frozen = not layer.weight.requires_grad and layer.weight.dtype == torch.float32
+                if not (plain and frozen and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)):
+                    return False
+    return True
+
+
+class PackedConv:
+    """A frozen convolution's weight packed once for oneDNN, for the forward and (flipped) for the input gradient."""
+
+    def __init__(self, conv: nn.Conv2d, shape: tuple[int, ...]) -> None:
+        pack = torch._C._nn.mkldnn_reorder_conv2d_weight
+        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        weight = conv.weight.detach()
+        out_shape = [shape[0], weight.shape[0], *shape[2:]]
+        self.forward = pack(weight.contiguous(memory_format=torch.channels_last).to_mkldnn(), *args, list(shape))
+        # The input gradient of a stride-1 "same" convolution is the convolution of the output gradient
+        # with the flipped, in/out-transposed kernel (what oneDNN's backward-data kernel computes too).
+        flipped = weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=torch.channels_last)
+        self.backward = pack(flipped.to_mkldnn(), *args, out_shape)
+        self.args = args
+
+
+class FrozenConvReLU(torch.autograd.Function):
+    """``relu(conv(x))`` for a frozen convolution, as one oneDNN call on weights packed once.
+
+    Why: ATen re-packs a convolution's weight into oneDNN's blocked layout at every call
+    (forward and backward), ~36 ms of a CPU training step for VGG-19's 13 layers, and runs the
+    ReLU as a separate pass. Here both weight layouts are packed once, the ReLU is fused, and
+    only the layer's output is kept for the backward (not its input as well). The taps and the
+    input gradient are the same bit for bit as those of the plain layers (tested).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d, packed: PackedConv) -> torch.Tensor:
+        out = torch.ops.mkldnn._convolution_pointwise(x, packed.forward, conv.bias, *packed.args, "relu", [], "")
+        ctx.packed = packed
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        (out,) = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad.contiguous(memory_format=torch.channels_last), out, 0)
+        packed = ctx.packed
+        return torch.ops.mkldnn._convolution_pointwise(grad, packed.backward, None, *packed.args, "none", [], ""), None, None
+
+
 class VGGFeatures(nn.Module):
     """Frozen VGG-19 returning the relu{1..5}_1 activations, always in eval mode.
 
@@ -143,10 +205,18 @@ class VGGFeatures(nn.Module):
     def train(self, mode: bool = True) -> "VGGFeatures":
         return super().train(False)
 
+    def __getstate__(self) -> dict:
+        # Packed oneDNN weights are opaque tensors (not copyable or picklable); they are remade on demand.
+        state = dict(super().__getstate__())
+        state.pop("_packed_cpu_convs", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) normalised images -> the five relu{1..5}_1 activations (channels-last strides)."""
         self.resolve()
         x = x.contiguous(memory_format=torch.channels_last)
+        if self.pack_cpu_weights and packed_conv_relu_applies(x, self.slices):
+            return self._packed_cpu_forward(x)
         taps = []
         for block in self.slices:
             # Under bf16/fp16 autocast: half-precision weight copies made once, not cast per call.
@@ -154,3 +224,32 @@ class VGGFeatures(nn.Module):
             x = block(x) if copies is None else torch.func.functional_call(block, copies, (x,), strict=False)
             taps.append(x)
         return taps
+
+    #: set to False to run the plain layers on the CPU too (no packed copies kept).
+    pack_cpu_weights: bool = True
+
+    def _packed_cpu_forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The same taps, each convolution and its ReLU as one oneDNN call on weights packed once."""
+        taps = []
+        for block in self.slices:
+            layers = list(block)
+            i = 0
+            while i < len(layers):
+                layer = layers[i]
+                if isinstance(layer, nn.Conv2d):  # always followed by its ReLU in VGG-19
+                    x = FrozenConvReLU.apply(x, layer, self._packed_conv(layer, tuple(x.shape)))
+                    i += 2
+                else:
+                    x = layer(x)
+                    i += 1
+            taps.append(x)
+        return taps
+
+    def _packed_conv(self, conv: nn.Conv2d, shape: tuple[int, ...]) -> "PackedConv":
+        cache = self.__dict__.setdefault("_packed_cpu_convs", {})
+        key = (id(conv), conv.weight.data_ptr(), conv.weight._version, shape)
+        if key not in cache:
+            for stale in [k for k in cache if k[0] == id(conv)]:  # one input shape at a time per layer
+                del cache[stale]
+            cache[key] = PackedConv(conv, shape)
+        return cache[key]
