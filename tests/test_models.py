@@ -999,3 +999,31 @@ def test_vgg_packed_cpu_path_gives_identical_taps_and_input_gradient():
     first.weight.requires_grad_(True)
     assert not packed_conv_relu_applies(x, vgg.slices)
     first.weight.requires_grad_(False)
+
+
+def test_packed_paths_fall_back_to_plain_layers_when_torch_changes_its_private_ops(monkeypatch, tiny, images):
+    """The fast paths call private torch operators; if a torch release breaks them, training goes on with
+    the plain layers (same results) after one warning, instead of failing."""
+    from mpae_lightning.models import VGGFeatures, frozen
+    from mpae_lightning.models.frozen import PackedFrozenLinear
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operator changed")
+
+    monkeypatch.setattr(PackedFrozenLinear, "pack_cpu_weights", True)
+    monkeypatch.setattr(VGGFeatures, "pack_cpu_weights", True)
+    monkeypatch.setattr(frozen, "_mkl_packed_gemm_available", lambda: True)
+    monkeypatch.setattr(PackedFrozenLinear, "_packed_weight", broken)
+    layer = PackedFrozenLinear.convert(torch.nn.Sequential(torch.nn.Linear(8, 4))).requires_grad_(False)[0]
+    x = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match="MKL packed GEMM is not usable.*operator changed.*plain layers"):
+        with torch.no_grad():
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert PackedFrozenLinear.pack_cpu_weights is False
+
+    vgg = VGGFeatures(weights="random")
+    monkeypatch.setattr(VGGFeatures, "_packed_cpu_forward", broken)
+    monkeypatch.setattr("mpae_lightning.models.vgg.packed_conv_relu_applies", lambda x, slices: True)
+    with pytest.warns(UserWarning, match="oneDNN packed convolution is not usable"):
+        taps = vgg(images[:, :, :32, :32])
+    assert VGGFeatures.pack_cpu_weights is False and len(taps) == 5

@@ -1,6 +1,8 @@
 """Frozen modules: their matmul weights cast once under mixed precision, and packed once for the CPU."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerScale
@@ -42,6 +44,16 @@ def autocast_weight_copies(module: nn.Module, device_type: str, prefix: str = ""
             cached = (key, {prefix + name: p.to(dtype) for name, p in params})
         module.__dict__["_autocast_weight_copies"] = cached
     return cached[1]
+
+
+def disable_packing(cls: type, what: str, err: BaseException) -> None:
+    """Turn a packed-weight fast path off for good (``cls.pack_cpu_weights = False``), saying so once.
+
+    The fast paths use private torch operators (those ``torch.compile`` uses on the CPU); a torch
+    release that changes them costs speed, never a run."""
+    cls.pack_cpu_weights = False
+    warnings.warn(f"{what} is not usable with torch {torch.__version__} ({type(err).__name__}: {err}); "
+                  "running the plain layers instead (same results, slower on the CPU)", stacklevel=3)
 
 
 def _mkl_packed_gemm_available() -> bool:
@@ -106,7 +118,10 @@ class PackedFrozenLinear(nn.Linear):
             and _mkl_packed_gemm_available()
         ):
             rows = x.numel() // max(x.shape[-1], 1)
-            return torch.ops.mkl._mkl_linear(x, self._packed_weight(rows), w, b, rows)
+            try:
+                return torch.ops.mkl._mkl_linear(x, self._packed_weight(rows), w, b, rows)
+            except (RuntimeError, TypeError, AttributeError) as err:  # a torch whose private op changed
+                disable_packing(PackedFrozenLinear, "MKL packed GEMM", err)
         return F.linear(x, w, b)
 
 

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .frozen import autocast_weight_copies
+from .frozen import autocast_weight_copies, disable_packing
 from .weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
 
 #: Slices of ``vgg19().features`` ending after relu1_1, relu2_1, relu3_1, relu4_1, relu5_1.
@@ -216,7 +216,10 @@ class VGGFeatures(nn.Module):
         self.resolve()
         x = x.contiguous(memory_format=torch.channels_last)
         if self.pack_cpu_weights and packed_conv_relu_applies(x, self.slices):
-            return self._packed_cpu_forward(x)
+            try:
+                return self._packed_cpu_forward(x)
+            except (RuntimeError, TypeError, AttributeError) as err:  # a torch whose private ops changed
+                disable_packing(VGGFeatures, "oneDNN packed convolution", err)
         taps = []
         for block in self.slices:
             # Under bf16/fp16 autocast: half-precision weight copies made once, not cast per call.
