@@ -12,7 +12,7 @@
 # Every benchmark process builds each implementation once and alternates their steps, so
 # the ratios compare like with like even on a shared or throttling GPU. Each prints one JSON
 # line; all lines go to $OUT/gpu_compare.jsonl (when $OUT is set) and a summary table ends the
-# output. Budget: about 4 minutes on one H100/H200 (torch.compile run last, capped at 150 s).
+# output. Budget: about 5 minutes on one H100/H200 (torch.compile run last, capped at 150 s).
 #
 # Smoke run on a CPU (tiny sizes):  PYTHON=.venv/bin/python DEVICE=cpu BATCH=1 SIZE=56 LARGE=112 STEPS=1 WARMUP=1 LIMIT_SCALE=10 \
 #   bash benchmarks/gpu_compare.sh /tmp/bench_base
@@ -61,6 +61,7 @@ run 90 train_step.py --precision bf16 --image-size "$LARGE"
 run 90 train_step.py --precision fp32 --image-size "$SIZE" ${AUTHORS_ARGS[@]+"${AUTHORS_ARGS[@]}"}
 run 60 predict.py --precision bf16 --image-size "$SIZE"
 run 60 predict.py --precision fp32 --image-size "$SIZE" ${AUTHORS_ARGS[@]+"${AUTHORS_ARGS[@]}"}
+run 60 components.py --precision bf16 --image-size "$SIZE"
 run 150 train_step.py --precision bf16 --image-size "$SIZE" --compile
 
 $PY - "$LOG" <<'EOF'
@@ -68,11 +69,18 @@ import json, sys
 print(f"\n{'benchmark':<11}{'prec':<6}{'px':>5}{'compile':>8}  {'impl':<8}{'s/step':>9}{'img/s':>9}{'GiB':>7}  speed-up")
 for line in open(sys.argv[1]):
     r = json.loads(line)
+    if r["benchmark"] == "components":  # parts of the bf16 step, ours against base
+        for part, res in r["results"].items():
+            print(f"{'part':<11}{r['precision']:<6}{r['image_size']:>5}{'':>8}  {part:<12}{res['ours_seconds']:>9.4f}"
+                  f"  base {res['base_seconds']:.4f}  ours x{res['paired_ours_vs_base']} (paired)")
+        continue
     for name, res in r["results"].items():
         if "error" in res:
             print(f"{r['benchmark']:<11}{r['precision']:<6}{r['image_size']:>5}{str(r['compile']):>8}  {name:<8}  {res['error'][:60]}")
             continue
         ratio = r["speedup"].get(f"ours_vs_{name}", "")
+        paired = r["speedup"].get(f"paired_ours_vs_{name}")
+        ratio = f"{ratio} (paired {paired})" if paired else ratio
         print(f"{r['benchmark']:<11}{r['precision']:<6}{r['image_size']:>5}{str(r['compile']):>8}  {name:<8}"
               f"{res['seconds']:>9.4f}{res['images_per_second']:>9.1f}{res['peak_memory_gib'] or 0:>7.2f}  "
               f"{'ours x' + str(ratio) if ratio else ''}")

@@ -29,3 +29,26 @@ def test_demo_writes_report(tmp_path, capsys):
     assert list(out.rglob("last.ckpt"))
     printed = capsys.readouterr().out
     assert "report written to" in printed and str(out.resolve()) in printed
+
+
+def test_demo_stops_cleanly_on_sigterm_and_bad_settings(tmp_path, capsys):
+    """The demo ends as the mpae commands do: a signal saves the checkpoint and exits 143 with one
+    line, a bad setting is one `mpae: error:` line and exit 2, never a traceback."""
+    import pytest
+
+    out = tmp_path / "report"
+    signal_at = '--trainer.callbacks+={"class_path": "signal_helpers.SignalAt", "init_args": {"step": 1}}'
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(DEMO_CONFIG), "--out", str(out), *TINY_DEMO_ARGS, signal_at])
+    assert stop.value.code == 143
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("demo: stopped by SIGTERM"))
+    assert "epoch 0, step 1" in line and "last.ckpt" in line and "Traceback" not in err
+    assert list(out.rglob("last.ckpt"))
+
+    with pytest.raises(SystemExit) as bad:
+        main(["--config", str(DEMO_CONFIG), "--out", str(tmp_path / "bad"), *TINY_DEMO_ARGS,
+              "--model.init_args.num_parts=0"])
+    assert bad.value.code == 2
+    err = capsys.readouterr().err
+    assert "mpae: error:" in err and "num_parts" in err and "Traceback" not in err

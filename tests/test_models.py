@@ -782,6 +782,11 @@ def test_compiled_regions_have_no_graph_breaks():
     for name, (fn, args) in _compile_regions_of(model).items():
         explanation = torch._dynamo.explain(fn)(*args)
         assert explanation.graph_count == 1 and explanation.graph_break_count == 0, (name, explanation.break_reasons)
+    # The frozen backbone's CPU float32 fast path (packed weights) stays out of traced code.
+    model.float()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model.backbone.vit.blocks[0])(torch.randn(3, 21, 32))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_compile_regions_keeps_the_function_and_the_state_dict():

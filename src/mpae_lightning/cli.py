@@ -6,6 +6,7 @@ import inspect
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -333,25 +334,23 @@ def parse_error_line(message: str, argv: list[str]) -> str:
 
 
 
-def main(args: list[str] | None = None) -> None:
-    """Console entry point: user errors as one line (exit 2), pre-emption as exit 128 + signal.
+def run_cleanly(
+    body: Callable[[], Any], argv: list[str], debug: bool, interrupted: Callable[[Interrupted], str] | None = None
+) -> None:
+    """Run a command's ``body`` as the ``mpae`` commands end: user errors as one line (exit 2), a
+    non-finite loss as one line (exit 1), pre-emption as one line and exit 128 + signal.
 
-    ``MPAE_DEBUG=1`` or ``--debug`` shows the traceback instead.
+    Args:
+        body: the command's work.
+        argv: its arguments, quoted by the parse-error line.
+        debug: re-raise instead (``MPAE_DEBUG=1`` / ``--debug``): the full traceback.
+        interrupted: the line to print on SIGTERM/SIGINT (default: ``Interrupted.message``).
     """
-    argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
-    debug = bool(os.environ.get("MPAE_DEBUG")) or "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
     try:
         with stop_signals():
-            if argv[:1] == ["check-data"]:
-                from .check_data import check_data_main
-
-                raise SystemExit(check_data_main(argv[1:]))
-            if args is None:  # from the console: LightningCLI reads sys.argv (without --debug)
-                sys.argv[1:] = argv
-            MPAECLI(args=None if args is None else argv)
+            body()
     except Interrupted as stop:
-        print(stop.message(), file=sys.stderr)
+        print(interrupted(stop) if interrupted else stop.message(), file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
     except SIGTERMException:
         print("mpae: stopped by SIGTERM; no checkpoint was written", file=sys.stderr)
@@ -372,6 +371,27 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"mpae: error: {one_line(user)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: user errors as one line (exit 2), pre-emption as exit 128 + signal.
+
+    ``MPAE_DEBUG=1`` or ``--debug`` shows the traceback instead.
+    """
+    argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+    debug = bool(os.environ.get("MPAE_DEBUG")) or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+
+    def body() -> None:
+        if argv[:1] == ["check-data"]:
+            from .check_data import check_data_main
+
+            raise SystemExit(check_data_main(argv[1:]))
+        if args is None:  # from the console: LightningCLI reads sys.argv (without --debug)
+            sys.argv[1:] = argv
+        MPAECLI(args=None if args is None else argv)
+
+    run_cleanly(body, argv, debug)
 
 
 if __name__ == "__main__":

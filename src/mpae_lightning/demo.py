@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from lightning.pytorch import Trainer
 
 from .baselines import KMeansParts
 from .callbacks import PartVisualization
-from .cli import MPAECLI
+from .cli import MPAECLI, run_cleanly
+from .errors import Interrupted
 from .lightning_module import MPAEModule
 from .metrics import KeypointPartMetrics, MaskPartMetrics
 from .visualize import save_grid
@@ -127,7 +130,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/demo")
     parser.add_argument("overrides", nargs="*", help="extra mpae CLI arguments, e.g. --trainer.max_epochs=1")
     ns, extra = parser.parse_known_args(argv)
-    metrics = run_demo(ns.config, ns.out, ns.overrides + extra)
+    overrides = ns.overrides + extra
+    debug = bool(os.environ.get("MPAE_DEBUG")) or "--debug" in overrides
+    overrides = [a for a in overrides if a != "--debug"]
+    metrics: dict[str, Any] = {}
+
+    def stopped(stop: Interrupted) -> str:
+        name = signal.Signals(stop.signum).name
+        at = f" at {stop.where}" if stop.where else ""
+        saved = f"; the checkpoint so far is {stop.checkpoint}" if stop.checkpoint else ""
+        return f"demo: stopped by {name}{at}{saved}; run the demo again to start over"
+
+    # Settings errors as one line and a signal as a clean stop, as the mpae commands end.
+    run_cleanly(lambda: metrics.update(run_demo(ns.config, ns.out, overrides)), overrides, debug, stopped)
     row = lambda name: (f"  {name:<10} keypoint NMI {metrics[name]['keypoint']['nmi']:6.2f}  ARI "  # noqa: E731
                         f"{metrics[name]['keypoint']['ari']:6.2f} | mask NMI {metrics[name]['mask']['nmi']:6.2f}  "
                         f"ARI {metrics[name]['mask']['ari']:6.2f}")

@@ -1,6 +1,7 @@
 """Pure-PyTorch MPAE: importable without Lightning."""
 from .backbone import DEFAULT_BACKBONE, FrozenBackbone
 from .descriptor_vit import DescriptorViT
+from .frozen import PackedFrozenLinear
 from .mpae import LOSS_TERMS, MPAE, LossTerm, MPAEOutput, PartEncoding
 from .official_checkpoint import (
     convert_official_state_dict,
@@ -22,6 +23,7 @@ __all__ = [
     "MPAE",
     "MPAEOutput",
     "MaskedRestorer",
+    "PackedFrozenLinear",
     "PartEncoding",
     "VGGFeatures",
     "WeightsUnavailableError",

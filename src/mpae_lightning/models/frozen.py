@@ -66,11 +66,12 @@ class PackedFrozenLinear(nn.Linear):
     Why: MKL re-packs the weight into its blocked layout inside every ``sgemm`` call; for a
     frozen weight the packing can be done once. On the frozen DINOv2 ViT-B this makes the
     backbone forward ~7 % faster on the CPU, and the output is the same bit for bit (the same
-    MKL kernel on the same packed panels; tested). The packed copy costs memory (about
-    2.2-4.9x the weight: ~0.9 GB for ViT-B) and is made at the first CPU float32 call, kept
-    outside the state dict, and remade when the weight changes. Everything else (grad
-    enabled on the input or weight, other dtypes or devices, autocast, non-contiguous input,
-    no MKL, or ``pack_cpu_weights = False``) is plain ``F.linear``.
+    MKL kernel on the same packed panels; tested). The packed copy costs about the weight's
+    own size in resident memory (0.33 GB for ViT-B); it is made at the first CPU float32
+    call, kept outside the state dict (and out of copies and pickles), and remade when the
+    weight changes. Everything else (grad enabled on the input or weight, other dtypes or
+    devices, autocast, non-contiguous input, ``torch.compile`` tracing, no MKL, or
+    ``pack_cpu_weights = False``) is plain ``F.linear``.
 
     Existing layers become this class with :meth:`convert` (parameters and state-dict keys
     are unchanged).
@@ -89,8 +90,7 @@ class PackedFrozenLinear(nn.Linear):
 
     def __getstate__(self) -> dict:
         # The packed copy is an opaque MKL tensor: not copyable or picklable, and remade on demand.
-        state = super().__getstate__()
-        state = dict(state)
+        state = dict(super().__getstate__())
         state.pop("_mkl_packed", None)
         return state
 
@@ -115,6 +115,7 @@ class PackedFrozenLinear(nn.Linear):
             and x.dim() >= 2
             and not (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
             and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # torch.compile packs (or not) on its own
             and _mkl_packed_gemm_available()
         ):
             rows = x.numel() // max(x.shape[-1], 1)

@@ -49,9 +49,12 @@ def _pretrained_state(weights: str, setting: str) -> dict[str, torch.Tensor]:
 
 
 def packed_conv_relu_applies(x: torch.Tensor, slices: nn.Module) -> bool:
-    """Whether :class:`FrozenConvReLU` can run ``slices`` on ``x``: CPU float32 without autocast, oneDNN
-    present, and every convolution a frozen 3x3 "same" convolution (stride 1) followed by a ReLU."""
+    """Whether :class:`FrozenConvReLU` can run ``slices`` on ``x``: CPU float32 without autocast or
+    ``torch.compile`` tracing, oneDNN present, and every convolution a frozen stride-1 "same"
+    convolution followed by a ReLU (as in VGG-19)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.compiler.is_compiling():  # opaque packed weights cannot be traced; compile fuses on its own
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
@@ -87,10 +90,11 @@ class FrozenConvReLU(torch.autograd.Function):
     """``relu(conv(x))`` for a frozen convolution, as one oneDNN call on weights packed once.
 
     Why: ATen re-packs a convolution's weight into oneDNN's blocked layout at every call
-    (forward and backward), ~36 ms of a CPU training step for VGG-19's 13 layers, and runs the
-    ReLU as a separate pass. Here both weight layouts are packed once, the ReLU is fused, and
-    only the layer's output is kept for the backward (not its input as well). The taps and the
-    input gradient are the same bit for bit as those of the plain layers (tested).
+    (forward and backward: 39 reorders of VGG-19 weights per training step) and runs the ReLU
+    as a separate pass. Here both weight layouts are packed once and the ReLU is fused: the
+    restoration loss's forward and backward take 1-2 % less time on the CPU (its forward alone
+    3-4 %; benchmarks/RESULTS.md). The taps and the input gradient are the same bit for bit as
+    those of the plain layers (tested).
     """
 
     @staticmethod
@@ -107,7 +111,8 @@ class FrozenConvReLU(torch.autograd.Function):
         (out,) = ctx.saved_tensors
         grad = torch.ops.aten.threshold_backward(grad.contiguous(memory_format=torch.channels_last), out, 0)
         packed = ctx.packed
-        return torch.ops.mkldnn._convolution_pointwise(grad, packed.backward, None, *packed.args, "none", [], ""), None, None
+        grad_x = torch.ops.mkldnn._convolution_pointwise(grad, packed.backward, None, *packed.args, "none", [], "")
+        return grad_x, None, None
 
 
 class VGGFeatures(nn.Module):
@@ -127,6 +132,10 @@ class VGGFeatures(nn.Module):
         features: an already built ``vgg19().features`` to use instead (e.g. formula-initialised).
         setting: name of the user-facing argument, quoted in error messages.
     """
+
+    #: CPU float32: run each convolution and its ReLU as one oneDNN call on weights packed once
+    #: (:class:`FrozenConvReLU`; same bits, ~0.15 GB of packed copies). False: the plain layers.
+    pack_cpu_weights: bool = True
 
     def __init__(
         self, weights: str | None = "torchvision", features: nn.Sequential | None = None, setting: str = "vgg_weights"
@@ -227,9 +236,6 @@ class VGGFeatures(nn.Module):
             x = block(x) if copies is None else torch.func.functional_call(block, copies, (x,), strict=False)
             taps.append(x)
         return taps
-
-    #: set to False to run the plain layers on the CPU too (no packed copies kept).
-    pack_cpu_weights: bool = True
 
     def _packed_cpu_forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The same taps, each convolution and its ReLU as one oneDNN call on weights packed once."""
