@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import platform
 import statistics
 import sys
@@ -267,6 +268,47 @@ def speedups(results: dict[str, dict[str, Any]], timed: dict[str, Any]) -> dict[
 def setup_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+def prepare(args: Any) -> tuple[torch.device, int, torch.Tensor]:
+    """What every benchmark sets up first: threads, the device, the mini-group and the seeded input batch."""
+    setup_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    return device, min(8, args.batch_size), images
+
+
+def add_if_it_runs(name: str, step: Callable[[], Any], static_fn: Callable[[], int], steps: dict[str, Any],
+                   static: dict[str, Any], errors: dict[str, str]) -> None:
+    """Time ``step`` under ``name`` if one call succeeds; otherwise record why (e.g. the authors'
+    BCE refuses autocast, so their code cannot run bf16)."""
+    try:
+        step()
+    except Exception as err:  # noqa: BLE001 - reported in the JSON instead
+        errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        return
+    steps[name], static[name] = step, static_fn
+
+
+def print_report(benchmark: str, args: Any, device: torch.device, results: dict[str, Any], steps: dict[str, Any],
+                 errors: dict[str, str]) -> None:
+    """One JSON line: the settings, each implementation's result (or why it could not run) and the speed-ups."""
+    for name, error in errors.items():
+        results[name] = {"error": error}
+    print(json.dumps({
+        "benchmark": benchmark,
+        "device": device_name(device),
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "num_parts": args.num_parts,
+        "steps": args.steps,
+        "compile": args.compile,
+        "torch": torch.__version__,
+        "results": results,
+        "speedup": speedups(results, steps),
+    }))
 
 
 def device_name(device: torch.device) -> str:

@@ -33,7 +33,7 @@ from _common import (
     device_name,
     interleaved,
     load_models_package,
-    setup_threads,
+    prepare,
     uses_fused_adam,
 )
 
@@ -47,11 +47,8 @@ def main() -> None:
     if not args.base_src:
         parser.error("--base-src is required: the parts are compared against another checkout")
 
-    setup_threads(args.threads)
-    device = torch.device(args.device)
-    mini_group = min(8, args.batch_size)
+    device, mini_group, images = prepare(args)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(device)
     calls: dict[str, dict[str, object]] = {part: {} for part in PARTS}
 
     for name, src in (("ours", REPO_SRC), ("base", args.base_src)):

@@ -14,7 +14,6 @@ hold on a shared or throttling machine; each reports the median step time.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +21,14 @@ import torch.nn.functional as F
 from _common import (
     REPO_SRC,
     add_common_arguments,
+    add_if_it_runs,
     autocast,
     build_authors,
     build_ours,
-    device_name,
     interleaved,
     load_models_package,
-    setup_threads,
-    speedups,
+    prepare,
+    print_report,
     static_bytes,
     uses_fused_adam,
 )
@@ -41,11 +40,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="time ours with MPAE.compile_regions() applied")
     args = parser.parse_args()
 
-    setup_threads(args.threads)
-    device = torch.device(args.device)
-    mini_group = min(8, args.batch_size)
-    torch.manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    device, mini_group, images = prepare(args)
     steps, static, errors, losses = {}, {}, {}, {}
 
     def add_ours(name: str, src: str) -> None:
@@ -94,32 +89,13 @@ def main() -> None:
             optimizer.step()
             losses["authors"] = loss.detach()
 
-        try:
-            authors_step()
-            steps["authors"], static["authors"] = authors_step, lambda: static_bytes(model, vgg, optimizer)
-        except Exception as err:  # noqa: BLE001 - e.g. their BCE refuses autocast
-            errors["authors"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        add_if_it_runs("authors", authors_step, lambda: static_bytes(model, vgg, optimizer), steps, static, errors)
 
     results = interleaved(steps, static, device, args.steps, args.warmup)
     for name, result in results.items():
         result["images_per_second"] = round(args.batch_size / result["seconds"], 1)
         result["loss_finite"] = bool(torch.isfinite(losses[name]).item())
-    for name, error in errors.items():
-        results[name] = {"error": error}
-    speedup = speedups(results, steps)
-    print(json.dumps({
-        "benchmark": "train_step",
-        "device": device_name(device),
-        "precision": args.precision,
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
-        "num_parts": args.num_parts,
-        "steps": args.steps,
-        "compile": args.compile,
-        "torch": torch.__version__,
-        "results": results,
-        "speedup": speedup,
-    }))
+    print_report("train_step", args, device, results, steps, errors)
 
 
 if __name__ == "__main__":

@@ -119,30 +119,55 @@ class NonFiniteGuard(Callback):
 
 
 # -------------------------------------------------------------------------------- exact resume
-def capture_rng() -> dict[str, Any]:
-    """The global torch CPU/CUDA, NumPy and Python generator states, as checkpoint-safe types."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
+#: The generator states as the libraries return them: (torch CPU, NumPy, Python, CUDA or None).
+_RawRng = tuple[torch.Tensor, tuple, tuple, "list[torch.Tensor] | None"]
+
+
+def _raw_rng() -> _RawRng:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), np.random.get_state(), random.getstate(), cuda
+
+
+def _set_raw_rng(raw: _RawRng) -> None:
+    torch.set_rng_state(raw[0])
+    np.random.set_state(raw[1])
+    random.setstate(raw[2])
+    if raw[3] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(raw[3])
+
+
+def _checkpoint_safe(raw: _RawRng) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = raw[1]
+    version, internal, gauss_next = raw[2]
     state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
+        "torch": raw[0],
         "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if raw[3] is not None:
+        state["cuda"] = raw[3]
     return state
+
+
+def _from_checkpoint(state: dict[str, Any]) -> _RawRng:
+    n, p = state["numpy"], state["python"]
+    return (
+        state["torch"],
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]),
+        (p["version"], tuple(p["internal"]), p["gauss_next"]),
+        state.get("cuda"),
+    )
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global torch CPU/CUDA, NumPy and Python generator states, as checkpoint-safe types."""
+    return _checkpoint_safe(_raw_rng())
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     """Set the global generators to ``state`` (from :func:`capture_rng`)."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _set_raw_rng(_from_checkpoint(state))
 
 
 class ExactResume(Callback):
@@ -157,12 +182,14 @@ class ExactResume(Callback):
     """
 
     def __init__(self) -> None:
-        self._train_rng: dict[str, Any] | None = None
-        self._outer: dict[str, Any] | None = None
+        # Raw generator states (converted to checkpoint-safe types only in state_dict): the swaps run
+        # twice per step, and the conversion costs ~10x the swap itself.
+        self._train_rng: _RawRng | None = None
+        self._outer: _RawRng | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._train_rng is None:  # a fresh run: the stream starts where seed_everything left it
-            self._train_rng = capture_rng()
+            self._train_rng = _raw_rng()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._swap_in()
@@ -178,22 +205,22 @@ class ExactResume(Callback):
 
     def _swap_in(self) -> None:
         if self._outer is None:
-            self._outer = capture_rng()
-            restore_rng(self._train_rng if self._train_rng is not None else self._outer)
+            self._outer = _raw_rng()
+            _set_raw_rng(self._train_rng if self._train_rng is not None else self._outer)
 
     def _swap_out(self) -> None:
         if self._outer is not None:
-            self._train_rng = capture_rng()
-            restore_rng(self._outer)
+            self._train_rng = _raw_rng()
+            _set_raw_rng(self._outer)
             self._outer = None
 
     def state_dict(self) -> dict[str, Any]:
-        rng = capture_rng() if self._outer is not None else self._train_rng
-        return {"train_rng": rng} if rng is not None else {}
+        rng = _raw_rng() if self._outer is not None else self._train_rng
+        return {"train_rng": _checkpoint_safe(rng)} if rng is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_rng" in state_dict:
-            self._train_rng = state_dict["train_rng"]
+            self._train_rng = _from_checkpoint(state_dict["train_rng"])
 
 
 # --------------------------------------------------------------------------------- pre-emption

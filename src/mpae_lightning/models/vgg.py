@@ -255,10 +255,9 @@ class VGGFeatures(nn.Module):
         return taps
 
     def _packed_conv(self, conv: nn.Conv2d, shape: tuple[int, ...]) -> "PackedConv":
-        cache = self.__dict__.setdefault("_packed_cpu_convs", {})
-        key = (id(conv), conv.weight.data_ptr(), conv.weight._version, shape)
-        if key not in cache:
-            for stale in [k for k in cache if k[0] == id(conv)]:  # one input shape at a time per layer
-                del cache[stale]
-            cache[key] = PackedConv(conv, shape)
-        return cache[key]
+        cache = self.__dict__.setdefault("_packed_cpu_convs", {})  # per layer: (key, packing), one shape at a time
+        key = (conv.weight.data_ptr(), conv.weight._version, shape)
+        hit = cache.get(id(conv))
+        if hit is None or hit[0] != key:
+            hit = cache[id(conv)] = (key, PackedConv(conv, shape))
+        return hit[1]
