@@ -958,15 +958,17 @@ def test_descriptor_last_block_computes_only_the_query_rows():
     assert rows.shape == (2, 5, 32)
 
 
-def test_vgg_packed_cpu_path_gives_identical_taps_and_input_gradient():
-    """CPU float32: each convolution and its ReLU run as one oneDNN call on weights packed once; the taps
-    and the gradient reaching the restored image equal the plain layers' bit for bit. The packed copies
-    stay out of the state dict, copies and pickles, and are remade when the weights change."""
+def test_vgg_packed_cpu_path_gives_identical_taps_and_input_gradient(monkeypatch):
+    """CPU float32 without the Winograd layers: each convolution and its ReLU run as one oneDNN call on
+    weights packed once; the taps and the gradient reaching the restored image equal the plain layers' bit
+    for bit. The packed copies stay out of the state dict, copies and pickles, and are remade when the
+    weights change."""
     import pickle
 
     from mpae_lightning.models import VGGFeatures
     from mpae_lightning.models.vgg import FrozenConvReLU, packed_conv_relu_applies
 
+    monkeypatch.setattr(VGGFeatures, "winograd_cpu", False)
     torch.manual_seed(0)
     vgg = VGGFeatures(weights="random")
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
@@ -1004,6 +1006,53 @@ def test_vgg_packed_cpu_path_gives_identical_taps_and_input_gradient():
     first.weight.requires_grad_(True)
     assert not packed_conv_relu_applies(x, vgg.slices)
     first.weight.requires_grad_(False)
+
+
+def test_vgg_wide_layers_run_as_winograd_convolutions_with_the_same_function():
+    """CPU float32: the layers with >= 256 channels in and out run as Winograd convolutions. In float64 the
+    packed layer (forward and input gradient) is the plain convolution to 1e-12; in float32 the taps stay
+    as close to float64 arithmetic as the plain layers' (1e-5, the float32 parity tolerance)."""
+    from mpae_lightning.models import VGGFeatures
+    from mpae_lightning.models.vgg import FrozenConvReLU, PackedConv, packed_conv_relu_applies
+
+    torch.manual_seed(0)
+    vgg = VGGFeatures(weights="random")
+    x = torch.randn(2, 3, 64, 64)
+    if not packed_conv_relu_applies(x, vgg.slices):
+        pytest.skip("this torch has no oneDNN")
+    fast = vgg(x)
+    convs = [layer for block in vgg.slices for layer in block if isinstance(layer, torch.nn.Conv2d)]
+    packed = {id(conv): entry[1] for conv in convs for entry in [vgg.__dict__["_packed_cpu_convs"][id(conv)]]}
+    wide = [min(c.in_channels, c.out_channels) >= VGGFeatures.winograd_min_channels for c in convs]
+    assert [packed[id(c)].winograd for c in convs] == wide and 0 < sum(wide) < len(convs)
+    vgg64 = copy.deepcopy(vgg).double()
+    vgg64.pack_cpu_weights = False  # float64 never takes the packed paths; here the plain layers for sure
+    exact = vgg64(x.double())
+    for tap, ref in zip(fast, exact):
+        assert ((tap.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+    # One wide layer in float64 through the same autograd function: the function and its input gradient.
+    conv = next(c for c, w in zip(convs, wide) if w)
+    conv64 = copy.deepcopy(conv).double()
+    with torch.no_grad():
+        conv64.bias.normal_()
+    h = torch.randn(2, conv.in_channels, 6, 10, dtype=torch.float64, requires_grad=True)
+    out = FrozenConvReLU.apply(h, conv64, PackedConv(conv64, tuple(h.shape), winograd=True))
+    ref = F.relu(F.conv2d(h, conv64.weight, conv64.bias, padding=1))
+    probe = torch.randn_like(ref)
+    (grad,) = torch.autograd.grad((out * probe).sum(), h)
+    (ref_grad,) = torch.autograd.grad((ref * probe).sum(), h)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12) and torch.allclose(grad, ref_grad, rtol=0, atol=1e-12)
+
+    # Odd sizes take the direct packed kernel for that layer: a 74-px image reaches conv4_x at 9x9.
+    odd = torch.randn(1, 3, 74, 74)
+    mixed = vgg(odd)
+    cache = vgg.__dict__["_packed_cpu_convs"]
+    assert [cache[id(convs[i])][1].winograd for i in (5, 9, 12)] == [True, False, True]  # 18x18, 9x9, 4x4
+    vgg.winograd_cpu = False
+    for tap, ref in zip(mixed, vgg(odd)):
+        assert ((tap - ref).norm() / ref.norm()).item() < 1e-5
+    vgg.winograd_cpu = True
 
 
 def test_packed_paths_fall_back_to_plain_layers_when_torch_changes_its_private_ops(monkeypatch, tiny, images):

@@ -9,6 +9,7 @@ from torch import nn
 
 from .frozen import autocast_weight_copies, disable_packing
 from .weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
+from .winograd import winograd_conv3x3, winograd_weight
 
 #: Slices of ``vgg19().features`` ending after relu1_1, relu2_1, relu3_1, relu4_1, relu5_1.
 VGG19_TAPS = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
@@ -71,35 +72,54 @@ def packed_conv_relu_applies(x: torch.Tensor, slices: nn.Module) -> bool:
 
 
 class PackedConv:
-    """A frozen convolution's weight packed once for oneDNN, for the forward and (flipped) for the input gradient."""
+    """A frozen convolution's weight prepared once for the CPU, for the forward and for the input gradient.
 
-    def __init__(self, conv: nn.Conv2d, shape: tuple[int, ...]) -> None:
-        pack = torch._C._nn.mkldnn_reorder_conv2d_weight
-        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    Wide layers (``winograd``) keep Winograd-transformed weights (:mod:`.winograd`), the others
+    weights packed for oneDNN's direct kernel."""
+
+    def __init__(self, conv: nn.Conv2d, shape: tuple[int, ...], winograd: bool = False) -> None:
         weight = conv.weight.detach()
-        out_shape = [shape[0], weight.shape[0], *shape[2:]]
-        self.forward = pack(weight.contiguous(memory_format=torch.channels_last).to_mkldnn(), *args, list(shape))
         # The input gradient of a stride-1 "same" convolution is the convolution of the output gradient
         # with the flipped, in/out-transposed kernel (what oneDNN's backward-data kernel computes too).
-        flipped = weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=torch.channels_last)
-        self.backward = pack(flipped.to_mkldnn(), *args, out_shape)
+        flipped = weight.flip(2, 3).transpose(0, 1)
+        self.winograd = winograd
+        if winograd:
+            self.forward, self.backward = winograd_weight(weight), winograd_weight(flipped)
+            return
+        pack = torch._C._nn.mkldnn_reorder_conv2d_weight
+        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        out_shape = [shape[0], weight.shape[0], *shape[2:]]
+        self.forward = pack(weight.contiguous(memory_format=torch.channels_last).to_mkldnn(), *args, list(shape))
+        self.backward = pack(flipped.contiguous(memory_format=torch.channels_last).to_mkldnn(), *args, out_shape)
         self.args = args
+
+    def conv_relu(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.winograd:
+            return winograd_conv3x3(x, self.forward, bias, relu=True)
+        return torch.ops.mkldnn._convolution_pointwise(x, self.forward, bias, *self.args, "relu", [], "")
+
+    def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.winograd:
+            return winograd_conv3x3(grad, self.backward)
+        return torch.ops.mkldnn._convolution_pointwise(grad, self.backward, None, *self.args, "none", [], "")
 
 
 class FrozenConvReLU(torch.autograd.Function):
-    """``relu(conv(x))`` for a frozen convolution, as one oneDNN call on weights packed once.
+    """``relu(conv(x))`` for a frozen convolution, on weights prepared once.
 
     Why: ATen re-packs a convolution's weight into oneDNN's blocked layout at every call
     (forward and backward: 39 reorders of VGG-19 weights per training step) and runs the ReLU
     as a separate pass. Here both weight layouts are packed once and the ReLU is fused: the
     restoration loss's forward and backward take 1-2 % less time on the CPU (its forward alone
-    3-4 %; benchmarks/RESULTS.md). The taps and the input gradient are the same bit for bit as
-    those of the plain layers (tested).
+    3-4 %; benchmarks/RESULTS.md), and the taps and the input gradient are the same bit for bit
+    as those of the plain layers (tested). Layers with 256 or more channels in and out run as
+    Winograd convolutions instead (:class:`VGGFeatures` ``winograd_cpu``), which changes the
+    float32 rounding, not the function.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d, packed: PackedConv) -> torch.Tensor:
-        out = torch.ops.mkldnn._convolution_pointwise(x, packed.forward, conv.bias, *packed.args, "relu", [], "")
+        out = packed.conv_relu(x, conv.bias)
         ctx.packed = packed
         ctx.save_for_backward(out)
         return out
@@ -110,9 +130,7 @@ class FrozenConvReLU(torch.autograd.Function):
             return None, None, None
         (out,) = ctx.saved_tensors
         grad = torch.ops.aten.threshold_backward(grad.contiguous(memory_format=torch.channels_last), out, 0)
-        packed = ctx.packed
-        grad_x = torch.ops.mkldnn._convolution_pointwise(grad, packed.backward, None, *packed.args, "none", [], "")
-        return grad_x, None, None
+        return ctx.packed.input_grad(grad), None, None
 
 
 class VGGFeatures(nn.Module):
@@ -133,9 +151,16 @@ class VGGFeatures(nn.Module):
         setting: name of the user-facing argument, quoted in error messages.
     """
 
-    #: CPU float32: run each convolution and its ReLU as one oneDNN call on weights packed once
-    #: (:class:`FrozenConvReLU`; same bits, ~0.15 GB of packed copies). False: the plain layers.
+    #: CPU float32: run each convolution and its ReLU as one call on weights prepared once
+    #: (:class:`FrozenConvReLU`; ~0.2 GB of prepared copies). False: the plain layers.
     pack_cpu_weights: bool = True
+    #: With ``pack_cpu_weights``: 3x3 layers with at least ``winograd_min_channels`` channels in and
+    #: out (VGG-19's conv3_2 to conv5_1, on even sizes) run as Winograd F(2x2, 3x3) convolutions
+    #: (:func:`~mpae_lightning.models.winograd.winograd_conv3x3`): 2.25x fewer multiplications and a
+    #: different float32 rounding, as close to float64 as the direct kernel's or closer (float64
+    #: never takes this path). False: oneDNN's direct kernel, the taps bit for bit the plain layers'.
+    winograd_cpu: bool = True
+    winograd_min_channels: int = 256
 
     def __init__(
         self, weights: str | None = "torchvision", features: nn.Sequential | None = None, setting: str = "vgg_weights"
@@ -255,9 +280,11 @@ class VGGFeatures(nn.Module):
         return taps
 
     def _packed_conv(self, conv: nn.Conv2d, shape: tuple[int, ...]) -> "PackedConv":
+        winograd = (self.winograd_cpu and conv.kernel_size == (3, 3) and shape[2] % 2 == 0 and shape[3] % 2 == 0
+                    and min(conv.in_channels, conv.out_channels) >= self.winograd_min_channels)
         cache = self.__dict__.setdefault("_packed_cpu_convs", {})  # per layer: (key, packing), one shape at a time
-        key = (conv.weight.data_ptr(), conv.weight._version, shape)
+        key = (conv.weight.data_ptr(), conv.weight._version, shape, winograd)
         hit = cache.get(id(conv))
         if hit is None or hit[0] != key:
-            hit = cache[id(conv)] = (key, PackedConv(conv, shape))
+            hit = cache[id(conv)] = (key, PackedConv(conv, shape, winograd))
         return hit[1]
