@@ -25,6 +25,25 @@ def test_equals_the_direct_convolution_in_float64(shape, c_out, bias, relu, chan
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
 
 
+def test_large_batches_run_in_chunks_with_the_same_function(monkeypatch):
+    """The transformed input is 4x the input; past ``CHUNK_BYTES`` the batch is split, remainder included."""
+    from mpae_lightning.models import winograd
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    weight = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    bias = torch.randn(8, dtype=torch.float64)
+    whole = winograd_conv3x3(x, winograd_weight(weight), bias, relu=True)
+    calls = []
+    chunk = winograd._winograd_chunk
+    monkeypatch.setattr(winograd, "_winograd_chunk", lambda x, *a: calls.append(len(x)) or chunk(x, *a))
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 2 * 4 * 6 * 6 * 8 * 8)  # two images' V at C = 8
+    chunked = winograd_conv3x3(x, winograd_weight(weight), bias, relu=True)
+    assert calls == [2, 2, 1]
+    assert torch.allclose(chunked, whole, rtol=0, atol=1e-13)  # MKL may block other tile counts differently
+    assert torch.allclose(chunked, F.relu(F.conv2d(x, weight, bias, padding=1)), rtol=0, atol=1e-12)
+
+
 def test_float32_is_as_close_to_exact_arithmetic_as_the_parity_tolerance():
     """VGG-sized layer in float32: relative error against float64 well inside 1e-5 (measured ~1e-7)."""
     torch.manual_seed(0)

@@ -38,6 +38,12 @@ def _output_transform(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.einsum("ra,sb->rsab", at, at).reshape(4, 16)
 
 
+#: Largest transformed input (V, 4x the input) one pass of :func:`winograd_conv3x3` makes; larger
+#: batches are done in chunks of images, so its extra memory stays bounded (the direct kernel
+#: needs none). The paper's CPU step (batch 4, 128-px restorations) is one pass per layer.
+CHUNK_BYTES = 64 * 2**20
+
+
 def winograd_conv3x3(
     x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
@@ -51,6 +57,19 @@ def winograd_conv3x3(
         raise ValueError(f"Winograd F(2x2, 3x3) here needs an even height and width, got {h}x{w}")
     if u.shape[:2] != (16, c):
         raise ValueError(f"transformed weight {tuple(u.shape)} does not take {c} input channels")
+    out = x.new_empty(b, h // 2, 2, w // 2, 2, u.shape[2])  # 2x2 output blocks, i.e. (B, H, W, C_out)
+    per_image = 4 * h * w * max(c, u.shape[2]) * x.element_size()
+    step = max(1, CHUNK_BYTES // per_image)
+    for start in range(0, b, step):
+        _winograd_chunk(x[start:start + step], u, bias, relu, out[start:start + step])
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _winograd_chunk(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, relu: bool, out: torch.Tensor
+) -> None:
+    """One chunk of images: ``out`` is its (b, H/2, 2, W/2, 2, C_out) slice of the result."""
+    b, c, h, w = x.shape
     c_out = u.shape[2]
     h2, w2 = h // 2, w // 2
     tiles = b * h2 * w2
@@ -76,10 +95,8 @@ def winograd_conv3x3(
     # Output transform Y = A^T M A as one (4, 16) @ (16, tiles * C_out) product, then the 2x2 blocks
     # are interleaved into (B, H, W, C_out) (with the ReLU in the same pass).
     y4 = torch.mm(_output_transform(m.dtype, m.device), m.view(16, -1)).view(2, 2, b, h2, w2, c_out)
-    out = x.new_empty(b, h2, 2, w2, 2, c_out)
     blocks = y4.permute(2, 3, 0, 4, 1, 5)
     if relu:
         torch.clamp_min(blocks, 0, out=out)
     else:
         out.copy_(blocks)
-    return out.view(b, h, w, c_out).permute(0, 3, 1, 2)
