@@ -1011,7 +1011,7 @@ def test_vgg_packed_cpu_path_gives_identical_taps_and_input_gradient(monkeypatch
 def test_vgg_wide_layers_run_as_winograd_convolutions_with_the_same_function():
     """CPU float32: the layers with >= 256 channels in and out run as Winograd convolutions. In float64 the
     packed layer (forward and input gradient) is the plain convolution to 1e-12; in float32 the taps stay
-    as close to float64 arithmetic as the plain layers' (1e-5, the float32 parity tolerance)."""
+    within the float32 parity tolerance (1e-5) of float64 arithmetic."""
     from mpae_lightning.models import VGGFeatures
     from mpae_lightning.models.vgg import FrozenConvReLU, PackedConv, packed_conv_relu_applies
 
