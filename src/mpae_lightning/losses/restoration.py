@@ -16,8 +16,8 @@ class _MeanAbsDifference(torch.autograd.Function):
 
     Why not ``(a - b).abs().mean()``: its backward materialises three full-size tensors and
     returns them contiguous (NCHW) even for channels-last VGG activations, so every layer of
-    the VGG backward then mixes layouts. Here the forward reads the difference once (an L1
-    norm) and the backward is ``sgn(a - b) * grad / n`` in two passes, in ``a``'s layout.
+    the VGG backward then mixes layouts. Here the forward keeps only the difference and the
+    backward is ``sgn(a - b) * grad / n`` in two passes, in ``a``'s layout.
     """
 
     @staticmethod
@@ -25,7 +25,10 @@ class _MeanAbsDifference(torch.autograd.Function):
         diff = a - b
         ctx.save_for_backward(diff)
         dtype = torch.float32 if diff.dtype in HALF_DTYPES else diff.dtype
-        return torch.linalg.vector_norm(diff, ord=1, dtype=dtype) / diff.numel()
+        # abs().mean(), the authors' L1, rather than an L1 norm: torch's float32 norm reduction
+        # accumulates far less exactly than its cascaded sum (1.5e-4 relative on a full-size relu1_1
+        # tap, against 2e-8) and is no faster.
+        return diff.abs().mean(dtype=dtype)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
