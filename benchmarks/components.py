@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from _common import (
     interleaved,
     load_models_package,
     prepare,
+    speedups,
     uses_fused_adam,
 )
 
@@ -99,11 +99,10 @@ def main() -> None:
     results = {}
     for part in PARTS:
         timed = interleaved(calls[part], {n: (lambda: 0) for n in calls[part]}, device, args.steps, args.warmup)
-        pairs = zip(timed["base"]["all_seconds"], timed["ours"]["all_seconds"])
         results[part] = {
             "ours_seconds": timed["ours"]["seconds"],
             "base_seconds": timed["base"]["seconds"],
-            "paired_ours_vs_base": round(statistics.median(b / o for b, o in pairs), 3),
+            "paired_ours_vs_base": speedups(timed, timed)["paired_ours_vs_base"],
         }
     print(json.dumps({
         "benchmark": "components",

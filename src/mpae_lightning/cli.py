@@ -334,6 +334,11 @@ def parse_error_line(message: str, argv: list[str]) -> str:
 
 
 
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug``, and whether the traceback is wanted (``--debug`` or ``MPAE_DEBUG=1``)."""
+    return [a for a in argv if a != "--debug"], bool(os.environ.get("MPAE_DEBUG")) or "--debug" in argv
+
+
 def run_cleanly(
     body: Callable[[], Any], argv: list[str], debug: bool, interrupted: Callable[[Interrupted], str] | None = None
 ) -> None:
@@ -378,9 +383,7 @@ def main(args: list[str] | None = None) -> None:
 
     ``MPAE_DEBUG=1`` or ``--debug`` shows the traceback instead.
     """
-    argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
-    debug = bool(os.environ.get("MPAE_DEBUG")) or "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    argv, debug = split_debug([str(a) for a in (sys.argv[1:] if args is None else args)])
 
     def body() -> None:
         if argv[:1] == ["check-data"]:

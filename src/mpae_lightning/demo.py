@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from lightning.pytorch import Trainer
 
 from .baselines import KMeansParts
 from .callbacks import PartVisualization
-from .cli import MPAECLI, run_cleanly
+from .cli import MPAECLI, run_cleanly, split_debug
 from .errors import Interrupted
 from .lightning_module import MPAEModule
 from .metrics import KeypointPartMetrics, MaskPartMetrics
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/demo")
     parser.add_argument("overrides", nargs="*", help="extra mpae CLI arguments, e.g. --trainer.max_epochs=1")
     ns, extra = parser.parse_known_args(argv)
-    overrides = ns.overrides + extra
-    debug = bool(os.environ.get("MPAE_DEBUG")) or "--debug" in overrides
-    overrides = [a for a in overrides if a != "--debug"]
+    overrides, debug = split_debug(ns.overrides + extra)
     metrics: dict[str, Any] = {}
 
     def stopped(stop: Interrupted) -> str:

@@ -14,6 +14,8 @@ whole-tensor passes; the 16 products are one batched GEMM.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -33,8 +35,11 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
 def _output_transform(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(4, 16): output (r, s) of a 2x2 block = sum over (a, b) of A^T[r, a] A^T[s, b] M[a, b]."""
+    """(4, 16): output (r, s) of a 2x2 block = sum over (a, b) of A^T[r, a] A^T[s, b] M[a, b].
+
+    Made once per dtype and device (every Winograd layer uses it at every call)."""
     at = torch.tensor(_AT, dtype=dtype, device=device)
     return torch.einsum("ra,sb->rsab", at, at).reshape(4, 16)
 
