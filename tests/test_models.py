@@ -1017,7 +1017,7 @@ def test_vgg_wide_layers_run_as_winograd_convolutions_with_the_same_function():
 
     torch.manual_seed(0)
     vgg = VGGFeatures(weights="random")
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 128, 128)  # conv5_1 at 8x8: 32 output blocks, enough for Winograd
     if not packed_conv_relu_applies(x, vgg.slices):
         pytest.skip("this torch has no oneDNN")
     fast = vgg(x)
@@ -1045,7 +1045,7 @@ def test_vgg_wide_layers_run_as_winograd_convolutions_with_the_same_function():
     assert torch.allclose(out, ref, rtol=0, atol=1e-12) and torch.allclose(grad, ref_grad, rtol=0, atol=1e-12)
 
     # Odd sizes take the direct packed kernel for that layer: a 74-px image reaches conv4_x at 9x9.
-    odd = torch.randn(1, 3, 74, 74)
+    odd = torch.randn(8, 3, 74, 74)
     mixed = vgg(odd)
     cache = vgg.__dict__["_packed_cpu_convs"]
     assert [cache[id(convs[i])][1].winograd for i in (5, 9, 12)] == [True, False, True]  # 18x18, 9x9, 4x4
@@ -1053,6 +1053,9 @@ def test_vgg_wide_layers_run_as_winograd_convolutions_with_the_same_function():
     for tap, ref in zip(mixed, vgg(odd)):
         assert ((tap - ref).norm() / ref.norm()).item() < 1e-5
     vgg.winograd_cpu = True
+    # Too few 2x2 output blocks (one 32-px image: conv5_1 at 2x2) take the direct kernel too.
+    vgg(torch.randn(1, 3, 32, 32))
+    assert not any(entry[1].winograd for entry in cache.values())
 
 
 def test_packed_paths_fall_back_to_plain_layers_when_torch_changes_its_private_ops(monkeypatch, tiny, images):

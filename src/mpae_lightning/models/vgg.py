@@ -161,6 +161,9 @@ class VGGFeatures(nn.Module):
     #: never takes this path). False: oneDNN's direct kernel, the taps bit for bit the plain layers'.
     winograd_cpu: bool = True
     winograd_min_channels: int = 256
+    #: ... and at least this many 2x2 output blocks (batch x H x W / 4): on fewer, the transforms
+    #: cost more than the products they save (e.g. a single 32-px image's conv5_1 at 2x2).
+    winograd_min_tiles: int = 32
 
     def __init__(
         self, weights: str | None = "torchvision", features: nn.Sequential | None = None, setting: str = "vgg_weights"
@@ -281,7 +284,8 @@ class VGGFeatures(nn.Module):
 
     def _packed_conv(self, conv: nn.Conv2d, shape: tuple[int, ...]) -> "PackedConv":
         winograd = (self.winograd_cpu and conv.kernel_size == (3, 3) and shape[2] % 2 == 0 and shape[3] % 2 == 0
-                    and min(conv.in_channels, conv.out_channels) >= self.winograd_min_channels)
+                    and min(conv.in_channels, conv.out_channels) >= self.winograd_min_channels
+                    and shape[0] * shape[2] * shape[3] // 4 >= self.winograd_min_tiles)
         cache = self.__dict__.setdefault("_packed_cpu_convs", {})  # per layer: (key, packing), one shape at a time
         key = (conv.weight.data_ptr(), conv.weight._version, shape, winograd)
         hit = cache.get(id(conv))
