@@ -8,9 +8,10 @@ Implementations timed side by side in one process:
 * ``authors``: the authors' code (``--authors-repo``, a local clone of
   github.com/Jiahao-UTS/MPAE, with Meta's DINOv2 code from ``--dinov2-repo``).
 
-Only ``mpae_lightning.models`` is imported, without running the package's
-``__init__`` (which imports the data modules and their optional dependencies such as
-pycocotools), so the scripts run wherever torch, torchvision and timm are installed.
+Only ``mpae_lightning.models`` (and ``mpae_lightning.losses``, where a checkout keeps the
+objective there) is imported, without running the package's ``__init__`` (which imports the
+data modules and their optional dependencies such as pycocotools), so the scripts run
+wherever torch, torchvision and timm are installed.
 All models get random weights: speed and memory do not depend on the values.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -61,17 +63,70 @@ def uses_fused_adam(src: str | Path) -> bool:
     return module.is_file() and "def _fused_adam" in module.read_text()
 
 
+class Ours:
+    """One checkout's MPAE at full size (DINOv2 ViT-B/14 reg4, VGG-19, C=256) with random weights, its
+    objective and its Adam, over the two layouts a checkout may have: the objective as
+    ``losses.MPAELoss`` next to the model (``criterion``), or inside ``MPAE`` (``compute_losses``,
+    commits before the core reshape)."""
+
+    def __init__(self, src: str | Path, alias: str, num_parts: int, image_size: int, mini_group: int,
+                 device: torch.device, fused: bool = False) -> None:
+        models = load_models_package(src, alias)
+        losses_dir = Path(src).expanduser().resolve() / "mpae_lightning" / "losses"
+        objective = (losses_dir / "objective.py").is_file()
+        self.models = models
+        self.criterion: nn.Module | None = None
+        if objective:
+            self.model = models.MPAE(num_parts=num_parts, image_size=image_size, backbone_weights="random").to(device)
+            losses = importlib.import_module(f"{alias}.losses")
+            self.criterion = losses.MPAELoss(mini_group=mini_group, vgg_weights="random").to(device)
+        else:
+            self.model = models.MPAE(num_parts=num_parts, image_size=image_size, backbone_weights="random",
+                                     vgg_weights="random", mini_group=mini_group).to(device)
+        self.optimizer = torch.optim.Adam(self.model.trainable_parameters(), lr=5e-4, fused=fused or None)
+
+    @property
+    def vgg(self) -> nn.Module:
+        return self.criterion.vgg if self.criterion is not None else self.model.vgg
+
+    def train(self) -> None:
+        self.model.train()
+        if self.criterion is not None:
+            self.criterion.train()
+
+    def resolve_vgg(self) -> None:
+        if self.criterion is not None:
+            self.criterion.resolve()
+        else:
+            self.model.resolve_vgg()
+
+    def total_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """The training objective of one batch (what ``MPAEModule.training_step`` minimises)."""
+        if self.criterion is not None:
+            return self.criterion(self.model(images))["total"]
+        return self.model.compute_losses(images).total
+
+    def restoration_loss(self, restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.criterion is not None:
+            return self.criterion.restoration(restored, target)["restoration"]
+        return self.model.restoration_loss(restored, target)["restoration"]
+
+    def compile_regions(self) -> None:
+        self.model.compile_regions()
+        if self.criterion is not None and hasattr(self.criterion, "compile_regions"):
+            self.criterion.compile_regions()
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model] + ([self.criterion] if self.criterion is not None else [])
+
+
 def build_ours(
-    models: ModuleType, num_parts: int, image_size: int, mini_group: int, device: torch.device, fused: bool = False
-) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """MPAE at full size (DINOv2 ViT-B/14 reg4, VGG-19, C=256) with random weights, and its Adam
-    (``fused``: the fused kernel, as ``MPAEModule`` picks it in full precision)."""
-    model = models.MPAE(
-        num_parts=num_parts, image_size=image_size, backbone_weights="random", vgg_weights="random",
-        mini_group=mini_group,
-    ).to(device)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=5e-4, fused=fused or None)
-    return model, optimizer
+    src: str | Path, alias: str, num_parts: int, image_size: int, mini_group: int, device: torch.device,
+    fused: bool = False,
+) -> Ours:
+    """:class:`Ours` for the checkout at ``src`` (``fused``: Adam's fused kernel, as ``MPAEModule``
+    picks it in full precision)."""
+    return Ours(src, alias, num_parts, image_size, mini_group, device, fused)
 
 
 # --------------------------------------------------------------------------- authors' model
@@ -242,6 +297,7 @@ def interleaved(
             "cpu_seconds": round(statistics.median(cpu_times[name]), 4),
             "peak_memory_gib": round(peaks[name] / 2**30, 2) if device.type == "cuda" else None,
             "all_seconds": [round(t, 3) for t in times[name]],  # in call order, to see the spread
+            "all_cpu_seconds": [round(t, 3) for t in cpu_times[name]],
         }
         for name in names
     }
@@ -262,6 +318,9 @@ def speedups(results: dict[str, dict[str, Any]], timed: dict[str, Any]) -> dict[
             out[f"cpu_ours_vs_{other}"] = round(results[other]["cpu_seconds"] / results["ours"]["cpu_seconds"], 3)
             pairs = zip(results[other]["all_seconds"], results["ours"]["all_seconds"])
             out[f"paired_ours_vs_{other}"] = round(statistics.median(theirs / ours for theirs, ours in pairs), 3)
+            if "all_cpu_seconds" in results[other] and "all_cpu_seconds" in results["ours"]:
+                pairs = zip(results[other]["all_cpu_seconds"], results["ours"]["all_cpu_seconds"])
+                out[f"paired_cpu_ours_vs_{other}"] = round(statistics.median(theirs / ours for theirs, ours in pairs), 3)
     return out
 
 
@@ -305,6 +364,8 @@ def print_report(benchmark: str, args: Any, device: torch.device, results: dict[
         "num_parts": args.num_parts,
         "steps": args.steps,
         "compile": args.compile,
+        "winograd": getattr(args, "winograd", False),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
         "results": results,
         "speedup": speedups(results, steps),

@@ -31,7 +31,6 @@ from _common import (
     build_ours,
     device_name,
     interleaved,
-    load_models_package,
     prepare,
     speedups,
     uses_fused_adam,
@@ -52,12 +51,12 @@ def main() -> None:
     calls: dict[str, dict[str, object]] = {part: {} for part in PARTS}
 
     for name, src in (("ours", REPO_SRC), ("base", args.base_src)):
-        models = load_models_package(src, f"_bench_{name}")
         torch.manual_seed(0)
         fused = args.precision == "fp32" and uses_fused_adam(src)
-        model, optimizer = build_ours(models, args.num_parts, args.image_size, mini_group, device, fused)
-        model.train()
-        model.resolve_vgg()
+        ours = build_ours(src, f"_bench_{name}", args.num_parts, args.image_size, mini_group, device, fused)
+        models, model, optimizer = ours.models, ours.model, ours.optimizer
+        ours.train()
+        ours.resolve_vgg()
         h, w = model.grid_size
         side = h * model.restorer.restore_patch
         restored = torch.randn(args.batch_size, 3, side, side, generator=generator).to(device).requires_grad_()
@@ -74,9 +73,9 @@ def main() -> None:
             with torch.no_grad(), autocast(device, args.precision):
                 model.backbone(images)
 
-        def restoration(model=model, restored=restored, target=target) -> None:
+        def restoration(ours=ours, restored=restored, target=target) -> None:
             with autocast(device, args.precision):
-                loss = model.restoration_loss(restored, target)["restoration"]
+                loss = ours.restoration_loss(restored, target)
             torch.autograd.grad(loss, restored)
 
         def descriptor(model=model) -> None:

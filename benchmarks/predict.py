@@ -24,7 +24,6 @@ from _common import (
     build_authors,
     build_ours,
     interleaved,
-    load_models_package,
     prepare,
     print_report,
     static_bytes,
@@ -42,8 +41,7 @@ def main() -> None:
 
     def add_ours(name: str, src: str) -> None:
         torch.manual_seed(0)
-        model, _ = build_ours(load_models_package(src, f"_bench_{name}"), args.num_parts, args.image_size,
-                              mini_group, device)
+        model = build_ours(src, f"_bench_{name}", args.num_parts, args.image_size, mini_group, device).model
         model.eval()
         if args.compile and name == "ours":
             model.compile_regions()

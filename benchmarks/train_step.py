@@ -26,7 +26,6 @@ from _common import (
     build_authors,
     build_ours,
     interleaved,
-    load_models_package,
     prepare,
     print_report,
     static_bytes,
@@ -38,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="time ours with MPAE.compile_regions() applied")
+    parser.add_argument("--winograd", action="store_true",
+                        help="time ours with VGGFeatures.winograd_cpu = True (the opt-in CPU float32 VGG path)")
     args = parser.parse_args()
 
     device, mini_group, images = prepare(args)
@@ -47,23 +48,24 @@ def main() -> None:
         torch.manual_seed(0)
         # Adam as the checkout's MPAEModule builds it: fused in full precision where it does so.
         fused = args.precision == "fp32" and uses_fused_adam(src)
-        model, optimizer = build_ours(load_models_package(src, f"_bench_{name}"), args.num_parts, args.image_size,
-                                      mini_group, device, fused)
-        model.train()
+        ours = build_ours(src, f"_bench_{name}", args.num_parts, args.image_size, mini_group, device, fused)
+        ours.train()
         if args.compile and name == "ours":
-            model.compile_regions()
-        params = model.trainable_parameters()
+            ours.compile_regions()
+        if args.winograd and name == "ours":
+            ours.vgg.winograd_cpu = True
+        params, optimizer = ours.model.trainable_parameters(), ours.optimizer
 
         def step() -> None:
             with autocast(device, args.precision):
-                loss = model.compute_losses(images).total
+                loss = ours.total_loss(images)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 2.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses[name] = loss.detach()
 
-        steps[name], static[name] = step, lambda: static_bytes(model, optimizer)
+        steps[name], static[name] = step, lambda: static_bytes(*ours.modules(), optimizer)
 
     if not args.no_ours:
         add_ours("ours", REPO_SRC)

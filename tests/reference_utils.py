@@ -48,8 +48,8 @@ def mpae_from_reference(fixture: dict, dtype: torch.dtype = torch.float32, **ove
 
     Nothing is hard-coded: sizes come from ``config``, the token width from
     ``inputs.backbone_tokens`` and the patch size from the descriptor ViT's patch kernel.
-    With ``dtype=torch.float64`` the model (formula VGG included) is cast before the
-    float32 weights are copied in, which is exact.
+    With ``dtype=torch.float64`` the model is cast before the float32 weights are copied
+    in, which is exact.
     """
     from mpae_lightning.models import MPAE, load_official_state_dict
 
@@ -72,20 +72,31 @@ def mpae_from_reference(fixture: dict, dtype: torch.dtype = torch.float32, **ove
         decoder_heads=int(rest["decoder_heads"]),
         restore_patch=int(rest["restore_patch"]),
         mask_ratio=float(cfg["mask_ratio"]),
+        eval_scale_factor=float(cfg["eval_scale_factor"]),
+    )
+    kwargs.update(overrides)
+    model = MPAE(**kwargs).to(dtype)
+    load_official_state_dict(model, fixture["state_dict"])
+    return model
+
+
+def loss_from_reference(fixture: dict, dtype: torch.dtype = torch.float32, **overrides):
+    """The :class:`MPAELoss` of a reference fixture's ``config``, with the README's formula VGG-19."""
+    from mpae_lightning.losses import MPAELoss
+
+    cfg = fixture["config"]
+    kwargs = dict(
         mini_group=int(cfg["mini_group"]),
         arcface_s=float(cfg["arcface"]["s"]),
         arcface_m=float(cfg["arcface"]["m"]),
         presence_weight=float(cfg["loss_weights"]["presence"]),
         distribution_weight=float(cfg["loss_weights"]["distribution"]),
         semantic_weight=float(cfg["loss_weights"]["semantic"]),
-        eval_scale_factor=float(cfg["eval_scale_factor"]),
     )
     kwargs.update(overrides)
     if "vgg_features" not in kwargs and "vgg_weights" not in kwargs:
         kwargs["vgg_features"] = formula_vgg19_features()  # built only when needed: ~3 s
-    model = MPAE(**kwargs).to(dtype)
-    load_official_state_dict(model, fixture["state_dict"])
-    return model
+    return MPAELoss(**kwargs).to(dtype)
 
 
 def reference_inputs(fixture: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

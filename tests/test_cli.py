@@ -63,7 +63,7 @@ def test_linked_arguments_come_from_data(tiny_demo_args):
     cli = MPAECLI(args=[*tiny_demo_args, "--data.init_args.mini_group=4"], run=False)
     assert cli.model.hparams.image_size == 64
     assert cli.model.hparams.mini_group == 4
-    assert cli.model.model.mini_group == 4
+    assert cli.model.loss.mini_group == 4
 
 
 def test_batch_not_divisible_by_mini_group_is_rejected(tiny_demo_args):
@@ -132,3 +132,104 @@ def test_offline_download_prints_one_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "backbone_weights" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------- settings against a checkpoint, messages
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory) -> tuple[str, Path]:
+    from conftest import DEMO_CONFIG, TINY_DEMO_ARGS
+
+    root = tmp_path_factory.mktemp("trained")
+    main(["fit", "--config", str(DEMO_CONFIG), *TINY_DEMO_ARGS, f"--trainer.default_root_dir={root}",
+          f"--trainer.logger.init_args.save_dir={root}", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
+    return _last_ckpt(root), root
+
+
+def _error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mpae: error:")]
+    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def test_a_config_file_contradicting_the_checkpoint_is_refused(trained_ckpt, tmp_path, capsys, tiny_demo_args):
+    ckpt, _ = trained_ckpt
+    config = tmp_path / "eight_parts.yaml"
+    config.write_text("model:\n  init_args:\n    num_parts: 8\n")
+    args = [a for a in tiny_demo_args if "num_parts" not in a]
+    line = _error(capsys, ["test", *args, "--config", str(config), f"--ckpt_path={ckpt}"])
+    assert "num_parts=8" in line and "num_parts=4" in line and str(config) in line and ckpt in line, line
+    # the same value typed on the command line names the argument
+    line = _error(capsys, ["test", *args, "--model.init_args.num_parts=8", f"--ckpt_path={ckpt}"])
+    assert "--model.init_args.num_parts" in line and "num_parts=8" in line and "num_parts=4" in line, line
+
+
+def test_settings_not_given_come_from_the_checkpoint(trained_ckpt, tmp_path):
+    from conftest import DEMO_CONFIG
+
+    ckpt, _ = trained_ckpt
+    # no K, image size, widths or data section: all from the checkpoint (K=4, 64 px, the tiny backbone)
+    cli = MPAECLI(args=["test", f"--ckpt_path={ckpt}", "--data=mpae_lightning.data.SyntheticPartsDataModule",
+                        "--data.init_args.num_test=4", "--data.init_args.eval_batch_size=4",
+                        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
+    assert cli.model.hparams.num_parts == 4 and cli.model.model.image_size == 64
+    assert cli.datamodule.image_size == 64
+    assert DEMO_CONFIG.is_file()
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys, tiny_demo_args):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model:\n  init_args:\n    milestones: [1, 2\n    lr: 0.1\n")
+    line = _error(capsys, ["fit", *tiny_demo_args, "--config", str(config)])
+    assert f"{config}:4:" in line and "YAML" in line, line
+
+
+@pytest.mark.parametrize(
+    "argument, words",
+    [("--model.init_args.num_prts=3", ["unknown", "model.init_args.num_prts", "did you mean num_parts"]),
+     ("--data.init_args.bath_size=3", ["unknown", "data.init_args.bath_size", "did you mean batch_size"]),
+     ("--trainer.max_epoch=1", ["unknown", "trainer.max_epoch", "did you mean max_epochs"])],
+    ids=["model", "data", "abbreviated-trainer"],
+)
+def test_unknown_settings_say_unknown_and_suggest(tmp_path, capsys, tiny_demo_args, argument, words):
+    line = _error(capsys, ["fit", *tiny_demo_args, argument])
+    for word in words:
+        assert word in line, (word, line)
+
+
+def test_unknown_setting_in_a_config_file_names_the_file(tmp_path, capsys, tiny_demo_args):
+    config = tmp_path / "typo.yaml"
+    config.write_text("model:\n  init_args:\n    mask_ratoi: 0.5\n")
+    line = _error(capsys, ["fit", *tiny_demo_args, "--config", str(config)])
+    assert str(config) in line and "unknown setting model.init_args.mask_ratoi" in line and "mask_ratio" in line, line
+
+
+def test_free_settings_given_next_to_a_checkpoint_are_used_not_replaced(trained_ckpt, tmp_path):
+    """Settings a checkpoint does not fix (evaluation map size, learning rate) keep the user's value."""
+    ckpt, _ = trained_ckpt
+    cli = MPAECLI(args=["test", f"--ckpt_path={ckpt}", "--data=mpae_lightning.data.SyntheticPartsDataModule",
+                        "--data.init_args.num_test=4", "--data.init_args.eval_batch_size=4",
+                        "--model.init_args.eval_map_size=64", "--model.init_args.lr=0.25",
+                        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
+    assert cli.model.hparams.eval_map_size == 64 and cli.model.hparams.lr == 0.25
+    assert cli.model.model.eval_scale_factor == 64 / cli.model.model.grid_size[0]
+
+
+def test_load_from_checkpoint_refuses_a_fixed_setting_given_differently(trained_ckpt):
+    from mpae_lightning import MPAEModule
+
+    ckpt, _ = trained_ckpt
+    with pytest.raises(ValueError, match=r"num_parts=6 was given, but the checkpoint .* num_parts=4"):
+        MPAEModule.load_from_checkpoint(ckpt, num_parts=6)
+    assert MPAEModule.load_from_checkpoint(ckpt, eval_map_size=32).model.eval_scale_factor == 32 / 8
+
+
+def test_predict_without_trained_weights_is_refused_unless_asked(tmp_path, capsys, tiny_demo_args):
+    out = tmp_path / "preds"
+    line = _error(capsys, ["predict", *tiny_demo_args, f"--prediction_writer.output_dir={out}"])
+    assert "--ckpt_path" in line and "--untrained" in line, line
+    assert not out.exists()  # nothing written from random weights
+    main(["predict", *tiny_demo_args, f"--prediction_writer.output_dir={out}", "--untrained=true"])
+    assert len(list(out.glob("*_parts.png"))) == 16

@@ -124,10 +124,11 @@ def test_checkpoint_without_frozen_weights_and_opt_in_best(tmp_path, tiny_demo_a
     files = {Path(p).name: p for p in glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)}
     assert sorted(files) == ["best.ckpt", "last.ckpt"]
     ckpt = files["last.ckpt"]
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert not any(k.startswith("model.backbone.") for k in saved["state_dict"])
-    # The VGG here is random, so it cannot be rebuilt: it stays in the file.
-    assert any(k.startswith("model.restoration_loss.features.") for k in saved["state_dict"])
+    # The VGG here is random, so it cannot be rebuilt: it stays in the file (under the loss, not the model).
+    assert any(k.startswith("loss.restoration.features.") for k in saved["state_dict"])
+    assert not any(k.startswith("model.restoration_loss.") for k in saved["state_dict"])
     assert saved[FROZEN_RECORD] == {"backbone": {"backbone_weights": backbone_file, "backbone": "vit_small_patch8_224",
                                                  "backbone_kwargs": {"embed_dim": 48, "depth": 1, "num_heads": 2}}}
 
@@ -161,6 +162,6 @@ def test_validation_scores_say_which_images_they_come_from(tmp_path):
         ImageFolderDataModule(root=str(tmp_path)): "val_on_train",
     }
     for datamodule, prefix in expected.items():
-        module._trainer = SimpleNamespace(datamodule=datamodule)
+        module.trainer = SimpleNamespace(datamodule=datamodule)
         assert module.log_prefix("val") == prefix
         assert module.log_prefix("test") == "test"

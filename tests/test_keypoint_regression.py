@@ -101,7 +101,7 @@ def test_metric_in_batches_equals_the_direct_computation():
         boxes = torch.cat([torch.rand(n, 2, generator=g) * 10, 20 + torch.rand(n, 2, generator=g) * 20], 1).double()
         kp = map_centroids[:, :kps] * 4 + torch.randn(n, kps, 2, generator=g, dtype=torch.float64)
         data[split] = dict(probs=probs, kp=kp, visible=torch.rand(n, kps, generator=g) < 0.9, boxes=boxes)
-    metric = KeypointRegression(num_parts=parts + 1, num_keypoints=kps, normalization="bbox")
+    metric = KeypointRegression(num_parts=parts, num_keypoints=kps, normalization="bbox")
     for split in ("fit", "eval"):
         if split == "eval":
             metric.fit()
@@ -125,17 +125,21 @@ def test_metric_in_batches_equals_the_direct_computation():
 
 
 def test_misuse_is_reported():
-    metric = KeypointRegression(num_parts=3, num_keypoints=2, normalization="image")
-    probs, kp = torch.rand(2, 3, 8, 8), torch.rand(2, 2, 2) * 32
+    metric = KeypointRegression(num_parts=2, num_keypoints=2, normalization="image")
+    probs, kp = torch.rand(2, 3, 8, 8), torch.rand(2, 2, 2) * 32  # K=2: 3 channels
     with pytest.raises(RuntimeError, match="fit"):
         metric.update(probs, kp, None, 32)
     with pytest.raises(ValueError, match="visible in no fitting image"):
         metric.update(probs, kp, torch.tensor([[True, False], [True, False]]), 32, split="fit")
         metric.fit()
-    with pytest.raises(ValueError, match=r"\(B, 5, h, w\)"):
+    with pytest.raises(ValueError, match=r"has 3 channels but num_parts=5 expects K\+1=6"):
         KeypointRegression(num_parts=5, num_keypoints=2).update(probs, kp, None, 32, split="fit")
+    with pytest.raises(ValueError, match=r"has 3 channels but num_parts=3 expects K\+1=4.*pass num_parts=2"):
+        KeypointRegression(num_parts=3, num_keypoints=2).update(probs, kp, None, 32, split="fit")  # K+1 passed
+    with pytest.raises(ValueError, match=r"num_parts.*>= 1, got 0"):
+        KeypointRegression(num_parts=0, num_keypoints=2)
     with pytest.raises(ValueError, match="normalization"):
-        KeypointRegression(num_parts=3, num_keypoints=2, normalization="box")
+        KeypointRegression(num_parts=2, num_keypoints=2, normalization="box")
 
 
 def test_callback_reports_kpr_at_test_time(tiny_demo_args):

@@ -1,4 +1,5 @@
-"""Each MPAE loss term on hand-made inputs whose value is known (docs/method.md §3)."""
+"""Each MPAE loss term on hand-made inputs whose value is known (docs/method.md §3), and the frozen VGG-19 taps
+of the restoration term (losses/vgg.py). MPAELoss, which weighs the terms, is tested in test_objective.py."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from model_utils import no_vgg_download, offline, random_vgg19_features  # noqa: F401 - fixtures
 from mpae_lightning.losses import (
     ArcFaceSemanticLoss,
     BackgroundPresenceLoss,
@@ -14,7 +16,9 @@ from mpae_lightning.losses import (
     MiniGroupPresenceLoss,
     RestorationLoss,
     TotalVariationLoss,
+    VGGFeatures,
 )
+from mpae_lightning.models import WeightsUnavailableError
 
 LAYER_WEIGHTS = (5 / 32, 5 / 16, 5 / 8, 5 / 4, 5.0)
 
@@ -413,14 +417,6 @@ def test_restoration_gradients_flow_to_restored_only():
 # --------------------------------------------------------------------------- precision of the upcast terms
 
 
-def test_at_least_float32_upcasts_half_only():
-    from mpae_lightning.losses.precision import at_least_float32
-
-    for dtype, expected in [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-                            (torch.float32, torch.float32), (torch.float64, torch.float64)]:
-        assert at_least_float32(torch.ones(2, dtype=dtype)).dtype == expected, dtype
-
-
 def _loss_terms(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every loss term that upcasts for mixed precision, on the same random maps cast to ``dtype``."""
     gen = torch.Generator().manual_seed(0)
@@ -503,3 +499,126 @@ def test_mean_abs_difference_is_as_exact_as_the_authors_mean_on_full_size_taps()
     exact = (a.double() - b.double()).abs().mean().item()
     assert mean_abs_difference(a, b).item() == pytest.approx(exact, rel=1e-6)
     assert (a - b).abs().mean().item() == pytest.approx(exact, rel=1e-6)  # the authors' formula, for scale
+
+
+# --------------------------------------------------------------------------- VGG-19 taps (losses/vgg.py)
+
+
+def test_vgg_download_offline_names_the_local_file_option(offline):  # noqa: F811
+    vgg = VGGFeatures(weights="torchvision")  # construction never downloads
+    assert not vgg.is_ready and vgg.source == "torchvision"
+    with pytest.raises(WeightsUnavailableError) as info:
+        vgg.resolve()
+    message = str(info.value)
+    assert "vgg_weights" in message
+    assert "vgg_weights=/path/to/vgg19.pth" in message
+    assert not list((offline / "torch_home").rglob("*.pth"))  # nothing was downloaded
+    with pytest.raises(WeightsUnavailableError, match="vgg_weights=/path"):
+        vgg(torch.zeros(1, 3, 16, 16))  # the first forward resolves too
+    assert not vgg.is_ready
+
+
+def test_vgg_filled_from_a_checkpoint_is_not_fetched_again(no_vgg_download):  # noqa: F811
+    """``mark_loaded`` (called by MPAEModule when a checkpoint carries VGG): resolving is then a no-op."""
+    vgg = VGGFeatures(weights="torchvision")
+    source = random_vgg19_features()
+    vgg._load_features_state(source.state_dict())
+    vgg.mark_loaded()
+    assert vgg.is_ready and vgg.source is None
+    vgg.resolve()
+    taps = vgg(torch.randn(1, 3, 16, 16))
+    assert len(taps) == 5 and no_vgg_download == []
+    assert torch.equal(vgg.slices[0][0].weight, source[0].weight)
+
+
+def test_missing_local_vgg_file_is_named(tmp_path):
+    missing_vgg = tmp_path / "vgg19-dcbb9e9d.pth"
+    vgg = VGGFeatures(weights=str(missing_vgg))  # not read yet
+    with pytest.raises(WeightsUnavailableError) as info:
+        vgg.resolve()
+    assert str(missing_vgg) in str(info.value) and "vgg_weights" in str(info.value)
+    assert not vgg.is_ready
+
+
+def test_vgg_file_of_another_network_is_refused(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(2, 3, 1, 1)}, path)
+    with pytest.raises(WeightsUnavailableError, match=r"vgg_weights: .*resnet\.pth is not a VGG-19 state dict"):
+        VGGFeatures(weights=str(path)).resolve()
+
+
+def test_vgg_from_local_files(tmp_path):
+    features = random_vgg19_features().state_dict()
+    # A full torchvision vgg19 state dict: features.* plus the classifier (stored as stride-0 tensors,
+    # same keys and shapes as torchvision's file at a fraction of the size).
+    full = {f"features.{k}": v for k, v in features.items()}
+    for key, shape in {
+        "classifier.0.weight": (4096, 25088), "classifier.0.bias": (4096,),
+        "classifier.3.weight": (4096, 4096), "classifier.3.bias": (4096,),
+        "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
+    }.items():
+        full[key] = torch.zeros(1).expand(*shape)
+    early = VGGFeatures(weights=str(tmp_path / "vgg19_full.pth"))  # the file is read on first use, not now
+    torch.save(full, tmp_path / "vgg19_full.pth")
+    torch.save(features, tmp_path / "vgg19_features.pth")
+    for name in ("vgg19_full.pth", "vgg19_features.pth"):
+        vgg = early if name == "vgg19_full.pth" else VGGFeatures(weights=str(tmp_path / name))
+        assert not vgg.is_ready
+        vgg.resolve()
+        assert vgg.is_ready and vgg.source is None
+        convs = [m for block in vgg.slices for m in block if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 13  # conv1_1 .. conv5_1
+        own = {}
+        index = 0
+        for block in vgg.slices:
+            for layer in block:
+                for pname, p in layer.named_parameters():
+                    own[f"{index}.{pname}"] = p
+                index += 1
+        assert index == 30
+        for key, value in own.items():
+            assert torch.equal(value, features[key]), (name, key)
+            if value.ndim == 4:  # loading copies into the channels-last weights and keeps their layout
+                assert value.is_contiguous(memory_format=torch.channels_last), (name, key)
+        assert not vgg.training and all(not p.requires_grad for p in vgg.parameters())
+
+
+def test_vgg_runs_channels_last_and_computes_the_nchw_taps():
+    """Channels-last VGG (weights and activations) gives the same five taps as plain NCHW layers."""
+    from mpae_lightning.losses.vgg import VGG19_TAPS
+
+    plain = random_vgg19_features().double().eval()
+    vgg = VGGFeatures(weights="random", features=random_vgg19_features()).double()
+    vgg._load_features_state(plain.state_dict())
+    convs = [m for block in vgg.slices for m in block if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    taps = vgg(x)
+    expected, y = [], x
+    for a, b in VGG19_TAPS:
+        y = plain[a:b](y)
+        expected.append(y)
+    assert len(taps) == 5
+    for tap, ref in zip(taps, expected):
+        assert tap.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(tap, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_vgg_under_autocast_uses_cached_half_weights_with_identical_taps():
+    """The frozen VGG under bf16 autocast: the same taps bit for bit as its plain layers under autocast."""
+    from mpae_lightning.models.frozen import autocast_weight_copies
+
+    vgg = VGGFeatures(weights="random", features=random_vgg19_features())
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        taps = vgg(images)
+        x = images.contiguous(memory_format=torch.channels_last)
+        plain_taps = []
+        for block in vgg.slices:
+            x = block(x)
+            plain_taps.append(x)
+        copies = autocast_weight_copies(vgg.slices[0], "cpu")
+    assert all(t.dtype == torch.bfloat16 for t in taps)
+    assert all(torch.equal(a, b) for a, b in zip(taps, plain_taps))
+    assert copies is not None and all(v.dtype == torch.bfloat16 for v in copies.values())
+    assert not any("autocast" in k for k in vgg.state_dict())

@@ -319,7 +319,7 @@ def test_part_count_on_hand_made_maps():
 
 def test_keypoint_part_metrics_match_sklearn():
     g = torch.Generator().manual_seed(0)
-    metric = KeypointPartMetrics(num_keypoints=15, num_parts=9)
+    metric = KeypointPartMetrics(num_keypoints=15, num_parts=8)  # K=8: maps of K+1=9 channels
     all_labels = {"pred": [], "fg_pred": [], "target": []}
     for _ in range(5):
         probs = torch.rand(6, 9, 32, 32, generator=g)
@@ -340,13 +340,13 @@ def test_keypoint_part_metrics_match_sklearn():
     assert out["parts_per_image"].item() == 8.0
     metric.reset()
     assert metric.contingency.sum() == 0 and metric.fg_contingency.sum() == 0
-    with pytest.raises(ValueError, match="9 part channels"):
+    with pytest.raises(ValueError, match=r"has 5 channels but num_parts=8 expects K\+1=9"):
         metric.update(torch.rand(1, 5, 8, 8), torch.zeros(1, 15, 2), None, 128)
 
 
 def test_mask_part_metrics_match_sklearn():
     g = torch.Generator().manual_seed(1)
-    metric = MaskPartMetrics(num_mask_labels=6, num_parts=5, ignore_index=255)
+    metric = MaskPartMetrics(num_mask_labels=6, num_parts=4, ignore_index=255)  # maps of K+1=5 channels
     preds, targets = [], []
     for _ in range(3):
         mask = torch.randint(0, 6, (4, 32, 32), generator=g)
@@ -366,6 +366,68 @@ def test_mask_part_metrics_match_sklearn():
     pred, target = torch.cat(preds), torch.cat(targets)
     assert abs(out["fg_iou"].item() - 100 * jaccard_score(target < 5, pred < 4)) < 1e-7
     assert abs(out["bg_iou"].item() - 100 * jaccard_score(target == 5, pred == 4)) < 1e-7
+
+
+def test_num_parts_is_k_and_a_wrong_k_names_both_values():
+    """``num_parts`` is K (foreground parts), as ``MPAE(num_parts=K)``; the maps have K+1 channels."""
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(2, 5, 8, 8, generator=g)  # K=4 parts + background
+    keypoint, mask = KeypointPartMetrics(num_keypoints=3, num_parts=4), MaskPartMetrics(num_mask_labels=6, num_parts=4)
+    keypoint.update(probs, torch.rand(2, 3, 2, generator=g) * 32, None, 32)
+    mask.update(probs, torch.randint(0, 6, (2, 8, 8), generator=g))
+    assert (keypoint.num_parts, keypoint.num_channels, mask.num_parts, mask.num_channels) == (4, 5, 4, 5)
+    assert keypoint.contingency.shape == (3, 5) and keypoint.fg_contingency.shape == (3, 4)
+    assert mask.contingency.shape == (6, 5) and mask.contingency.sum() == 2 * 64
+    # K+1 passed as num_parts (the channel count): refused, with the value to pass instead
+    refused = r"^part_probs has 5 channels but num_parts=5 expects K\+1=6 .*pass num_parts=4$"
+    with pytest.raises(ValueError, match=refused):
+        KeypointPartMetrics(3, 5).update(probs, torch.rand(2, 3, 2) * 32, None, 32)
+    with pytest.raises(ValueError, match=refused):
+        MaskPartMetrics(6, 5).update(probs, torch.zeros(2, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^part_probs has 5 channels but num_parts=2 expects K\+1=3 \(K foreground"):
+        MaskPartMetrics(6, 2).update(probs, torch.zeros(2, 8, 8, dtype=torch.long))
+    for bad in (0, -1, True, 4.0):
+        with pytest.raises(ValueError, match="num_parts"):
+            KeypointPartMetrics(3, bad)
+    with pytest.raises(ValueError, match=r"num_parts.*>= 1, got 0"):
+        MaskPartMetrics(6, 0)
+
+
+def test_metrics_take_the_models_num_parts(tiny_demo_args):
+    """The model's own ``num_parts`` works unchanged for every metric; the old K+1 is refused by value."""
+    from mpae_lightning.cli import MPAECLI
+    from mpae_lightning.metrics import KeypointRegression
+
+    cli = MPAECLI(args=tiny_demo_args, run=False)
+    module, dm = cli.model.eval(), cli.datamodule
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        probs = module(batch["image"])
+    k = module.model.num_parts
+    assert probs.shape[1] == k + 1
+    size = module.model.image_size
+    keypoint = KeypointPartMetrics(dm.num_keypoints, k)
+    keypoint.update(probs, batch["keypoints"], batch["visible"], size)
+    labels = keypoint_part_labels(probs, batch["keypoints"], batch["visible"], size)
+    nmi, ari = _sklearn(labels["pred"], labels["target"])
+    out = keypoint.compute()
+    assert abs(out["nmi"].item() - 100 * nmi) < 1e-7 and abs(out["ari"].item() - 100 * ari) < 1e-7
+    mask = MaskPartMetrics(dm.num_mask_labels, k)
+    mask.update(probs, batch["mask"])
+    assert mask.contingency.sum() == probs.shape[0] * probs.shape[2] * probs.shape[3]
+    kpr = KeypointRegression(k, dm.num_keypoints, normalization="image")
+    kpr.update(probs, batch["keypoints"], batch["visible"], size, split="fit")
+    assert kpr.fit_aa.shape[1] == 2 * k
+    message = rf"part_probs has {k + 1} channels but num_parts={k + 1} expects K\+1={k + 2}.*num_parts={k}"
+    with pytest.raises(ValueError, match=message):
+        KeypointPartMetrics(dm.num_keypoints, k + 1).update(probs, batch["keypoints"], batch["visible"], size)
+    with pytest.raises(ValueError, match=message):
+        MaskPartMetrics(dm.num_mask_labels, k + 1).update(probs, batch["mask"])
+    with pytest.raises(ValueError, match=message):
+        KeypointRegression(k + 1, dm.num_keypoints, normalization="image").update(
+            probs, batch["keypoints"], batch["visible"], size, split="fit"
+        )
 
 
 def test_foreground_iou_against_sklearn_and_edge_cases():
@@ -395,8 +457,8 @@ def test_metrics_as_lightning_children():
         def __init__(self):
             super().__init__()
             self.net = torch.nn.Conv2d(3, 5, 1)
-            self.keypoint_metrics = KeypointPartMetrics(num_keypoints=4, num_parts=5)
-            self.mask_metrics = MaskPartMetrics(num_mask_labels=3, num_parts=5)
+            self.keypoint_metrics = KeypointPartMetrics(num_keypoints=4, num_parts=4)
+            self.mask_metrics = MaskPartMetrics(num_mask_labels=3, num_parts=4)
 
         def validation_step(self, batch, batch_idx):
             image, keypoints, visible, mask = batch
@@ -469,11 +531,11 @@ def test_cuda_matches_cpu_in_deterministic_mode():
         gpu_kp = keypoint_part_labels(probs.to(device), keypoints.to(device), visible.to(device), 256)
         for key in cpu_kp:
             assert torch.equal(cpu_kp[key], gpu_kp[key].cpu()), key
-        kp_metric = KeypointPartMetrics(15, 9).to(device)
+        kp_metric = KeypointPartMetrics(15, 8).to(device)
         kp_metric.update(probs.to(device).half(), keypoints.to(device), visible.to(device), 256)
-        mask_metric = MaskPartMetrics(7, 9).to(device)
+        mask_metric = MaskPartMetrics(7, 8).to(device)
         mask_metric.update(probs.to(device), mask.to(device))
-        cpu_mask = MaskPartMetrics(7, 9)
+        cpu_mask = MaskPartMetrics(7, 8)
         cpu_mask.update(probs, mask)
         assert torch.equal(mask_metric.contingency.cpu(), cpu_mask.contingency)
         assert kp_metric.compute()["nmi"].device.type == "cuda"

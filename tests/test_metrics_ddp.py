@@ -32,7 +32,7 @@ from mpae_lightning.metrics import (
 WORLD_SIZE = 2
 TIMEOUT_S = 120
 NUM_TRUE, NUM_PRED = 51, 41
-NUM_KEYPOINTS, NUM_PARTS, NUM_MASK_LABELS = 15, 9, 7
+NUM_KEYPOINTS, NUM_PARTS, NUM_MASK_LABELS = 15, 8, 7  # NUM_PARTS = K; maps have K+1 channels
 
 
 def _data() -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def _data() -> dict[str, torch.Tensor]:
         torch.randint(0, NUM_PRED, (n,), generator=g),
     )
     images = 24
-    probs = torch.rand(images, NUM_PARTS, 16, 16, generator=g)
+    probs = torch.rand(images, NUM_PARTS + 1, 16, 16, generator=g)
     probs[:, -1] *= 1.3
     keypoints = torch.rand(images, NUM_KEYPOINTS, 2, generator=g) * 64
     visible = torch.rand(images, NUM_KEYPOINTS, generator=g) < 0.8
@@ -123,7 +123,7 @@ def _expected() -> dict[str, float]:
     px = mask_part_labels(data["probs"], data["mask"])
     keep = px["target"] != 255
     mask_nmi, mask_ari = scores(px["pred"][keep], px["target"][keep])
-    pred_fg, true_fg = px["pred"][keep] != NUM_PARTS - 1, px["target"][keep] != NUM_MASK_LABELS - 1
+    pred_fg, true_fg = px["pred"][keep] != NUM_PARTS, px["target"][keep] != NUM_MASK_LABELS - 1  # background last
     fg_iou = jaccard_score(true_fg.numpy(), pred_fg.numpy())
     bg_iou = jaccard_score((~true_fg).numpy(), (~pred_fg).numpy())
     count = count_foreground_parts(data["probs"]).double().mean().item()

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from model_utils import TINY_MODEL
 from mpae_lightning import MPAE
-from test_models import TINY
 
 
 @pytest.fixture(scope="module")
 def model() -> MPAE:
     torch.manual_seed(0)
-    return MPAE(**TINY).eval()
+    return MPAE(**TINY_MODEL).eval()
 
 
 def _images(model: MPAE, dtype=torch.float32) -> torch.Tensor:
@@ -51,6 +51,6 @@ def test_non_finite_input_warns_once(model):
 
 def test_float64_model_takes_float64_images():
     torch.manual_seed(0)
-    model = MPAE(**TINY).double().eval()
+    model = MPAE(**TINY_MODEL).double().eval()
     probs = model.predict_parts(torch.randn(1, 3, model.image_size, model.image_size, dtype=torch.float64))
-    assert probs.shape[:2] == (1, TINY["num_parts"] + 1) and torch.isfinite(probs).all()
+    assert probs.shape[:2] == (1, TINY_MODEL["num_parts"] + 1) and torch.isfinite(probs).all()

@@ -1,14 +1,14 @@
 """Loading the authors' released checkpoints (docs/method.md §5) into MPAE."""
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import pytest
 import torch
-from torch import nn
 
 from mpae_lightning import load_official_checkpoint
-from mpae_lightning.models import MPAE, WeightsUnavailableError, load_official_state_dict, official_config
+from mpae_lightning.models import MPAE, MPAEOutput, WeightsUnavailableError, load_official_state_dict, official_config
 from mpae_lightning.models.backbone import dinov2_model_kwargs
 from reference_utils import mpae_from_reference, reference_dir
 
@@ -16,11 +16,6 @@ from reference_utils import mpae_from_reference, reference_dir
 FIXTURE_KWARGS = dict(
     backbone=None, backbone_dim=768, patch_size=14, descriptor_heads=2, encoder_heads=2, decoder_heads=1
 )
-
-
-def _stub_vgg() -> nn.Sequential:
-    """30 identity layers: a stand-in for vgg19().features where VGG weights do not matter (fast)."""
-    return nn.Sequential(*[nn.Identity() for _ in range(30)])
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def dinov2_fixture() -> dict:
 
 @pytest.fixture(scope="module")
 def reference_model(fixture) -> MPAE:
-    return mpae_from_reference(fixture, vgg_features=_stub_vgg())
+    return mpae_from_reference(fixture)
 
 
 @pytest.fixture()
@@ -63,9 +58,10 @@ def _assert_same_outputs(ours: MPAE, expected: MPAE, fixture: dict) -> None:
     inputs = fixture["inputs"]
     args = dict(target=inputs["target"], noise=inputs["noise"], backbone_tokens=inputs["backbone_tokens"])
     with torch.no_grad():
-        x = ours.train().compute_losses(inputs["image"], **args)
-        y = expected.train().compute_losses(inputs["image"], **args)
-    assert torch.equal(x.restored, y.restored) and torch.equal(x.similarity, y.similarity)
+        x = ours.train()(inputs["image"], **args)
+        y = expected.train()(inputs["image"], **args)
+    for field in dataclasses.fields(MPAEOutput):
+        assert torch.equal(getattr(x, field.name), getattr(y, field.name)), field.name
 
 
 # --------------------------------------------------------------------------- loading
@@ -74,7 +70,7 @@ def _assert_same_outputs(ours: MPAE, expected: MPAE, fixture: dict) -> None:
 def test_module_prefixed_state_dict_gives_the_reference_model(fixture, reference_model):
     state = _prefixed(fixture["state_dict"])
     assert all(k.startswith("module.") for k in state)
-    model = load_official_checkpoint(state, **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+    model = load_official_checkpoint(state, **FIXTURE_KWARGS)
     assert isinstance(model, MPAE)
     assert model.num_parts == 4 and model.image_size == 112
     _assert_same_model(model, reference_model)
@@ -137,7 +133,7 @@ def test_every_official_key_lands_where_the_docs_say(fixture):
     """With every tensor replaced by distinct random values, each one must arrive at its documented location."""
     generator = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=generator) for k, v in fixture["state_dict"].items()}
-    model = load_official_checkpoint(_prefixed(state), **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+    model = load_official_checkpoint(_prefixed(state), **FIXTURE_KWARGS)
     covered = set()
     for key, value in state.items():
         if key in _UNUSED_KEYS:
@@ -150,13 +146,13 @@ def test_every_official_key_lands_where_the_docs_say(fixture):
 
 
 def test_unprefixed_state_dict_and_saved_pth_file(fixture, reference_model, tmp_path):
-    plain = load_official_checkpoint(dict(fixture["state_dict"]), **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+    plain = load_official_checkpoint(dict(fixture["state_dict"]), **FIXTURE_KWARGS)
     _assert_same_model(plain, reference_model)
     path = tmp_path / "CelebA_K16.pth"
     torch.save(_prefixed(fixture["state_dict"]), path)
-    from_file = load_official_checkpoint(path, **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+    from_file = load_official_checkpoint(path, **FIXTURE_KWARGS)
     _assert_same_model(from_file, reference_model)
-    from_str = load_official_checkpoint(str(path), **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+    from_str = load_official_checkpoint(str(path), **FIXTURE_KWARGS)
     _assert_same_model(from_str, reference_model)
 
 
@@ -168,7 +164,7 @@ def test_clip_style_layouts_are_accepted(fixture, reference_model):
     for key in ("Decoder.pos_embed", "Decoder.decoder_pos_embed"):
         table = state[key]
         state[key] = torch.cat([torch.zeros_like(table[:, :1]), table], dim=1)
-    model = load_official_checkpoint(state, **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+    model = load_official_checkpoint(state, **FIXTURE_KWARGS)
     _assert_same_model(model, reference_model)
 
 
@@ -187,7 +183,6 @@ def test_backbone_filled_from_backbone1_keys(fixture, dinov2_fixture, no_network
         descriptor_heads=2,
         encoder_heads=2,
         decoder_heads=1,
-        vgg_features=_stub_vgg(),
     )
     assert model.backbone is not None and model.backbone.embed_dim == embed_dim
     assert torch.equal(model.feature_proj.weight, compress)
@@ -221,8 +216,7 @@ def test_backbone1_keys_that_do_not_fit_are_rejected(fixture, dinov2_fixture, no
             descriptor_heads=2,
             encoder_heads=2,
             decoder_heads=1,
-            vgg_features=_stub_vgg(),
-        )
+            )
 
 
 def test_without_backbone1_keys_the_backbone_keeps_its_weights(fixture):
@@ -235,7 +229,6 @@ def test_without_backbone1_keys_the_backbone_keeps_its_weights(fixture):
         descriptor_heads=2,
         encoder_heads=2,
         decoder_heads=1,
-        vgg_features=_stub_vgg(),
     )
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     load_official_state_dict(model, _prefixed(fixture["state_dict"]))
@@ -314,7 +307,7 @@ def test_official_config_reads_sizes_from_shapes(queries_2d):
 def test_random_dict_is_rejected(reference_model):
     junk = {"encoder.weight": torch.zeros(3, 3), "head.bias": torch.zeros(3)}
     with pytest.raises(ValueError, match="not an official MPAE checkpoint"):
-        load_official_checkpoint(junk, **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+        load_official_checkpoint(junk, **FIXTURE_KWARGS)
     with pytest.raises(ValueError, match="not an official MPAE checkpoint"):
         load_official_state_dict(reference_model, junk)
 
@@ -323,37 +316,35 @@ def test_random_file_is_rejected(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(2, 3, 1, 1)}, path)
     with pytest.raises(ValueError, match=r"resnet\.pth.*not an official MPAE checkpoint"):
-        load_official_checkpoint(path, **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+        load_official_checkpoint(path, **FIXTURE_KWARGS)
     missing = tmp_path / "CUB_K16.pth"
     with pytest.raises(WeightsUnavailableError, match="CUB_K16.pth"):
-        load_official_checkpoint(missing, **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+        load_official_checkpoint(missing, **FIXTURE_KWARGS)
 
 
 def test_checkpoint_for_another_k_is_rejected(fixture):
     # The fixture is K=4; a model for K=7 must refuse it and say why.
     with pytest.raises(ValueError) as info:
-        load_official_checkpoint(fixture["state_dict"], **FIXTURE_KWARGS, num_parts=7, vgg_features=_stub_vgg())
+        load_official_checkpoint(fixture["state_dict"], **FIXTURE_KWARGS, num_parts=7)
     message = str(info.value)
     assert "num_parts" in message
     assert "descriptor_vit.part_queries" in message and "(1, 5, 64)" in message and "(1, 8, 64)" in message
-    model = MPAE(
-        **{**official_config(fixture["state_dict"]), "num_parts": 7}, **FIXTURE_KWARGS, vgg_features=_stub_vgg()
-    )
+    model = MPAE(**{**official_config(fixture["state_dict"]), "num_parts": 7}, **FIXTURE_KWARGS)
     with pytest.raises(ValueError, match="part_queries"):
         load_official_state_dict(model, fixture["state_dict"])
 
 
 def test_checkpoint_for_another_width_is_rejected(fixture):
     with pytest.raises(ValueError, match="shape mismatches"):
-        load_official_checkpoint(fixture["state_dict"], **FIXTURE_KWARGS, feature_dim=128, vgg_features=_stub_vgg())
+        load_official_checkpoint(fixture["state_dict"], **FIXTURE_KWARGS, feature_dim=128)
 
 
 def test_missing_and_unknown_keys_are_rejected(fixture):
     truncated = dict(fixture["state_dict"])
     del truncated["Decoder.decoder_pred.bias"]
     with pytest.raises(ValueError, match=r"missing.*restorer\.decoder_pred\.bias"):
-        load_official_checkpoint(truncated, **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+        load_official_checkpoint(truncated, **FIXTURE_KWARGS)
     extra = dict(fixture["state_dict"])
     extra["Transformer.mystery.weight"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"Transformer\.mystery\.weight"):
-        load_official_checkpoint(extra, **FIXTURE_KWARGS, vgg_features=_stub_vgg())
+        load_official_checkpoint(extra, **FIXTURE_KWARGS)

@@ -21,7 +21,7 @@ import torch
 from mpae_lightning.models import FrozenBackbone
 from mpae_lightning.models.backbone import dinov2_model_kwargs
 from mpae_lightning.models.official_checkpoint import official_to_mpae_key
-from reference_utils import mpae_from_reference, reference_dir, reference_files, reference_inputs, relative_error
+from reference_utils import loss_from_reference, mpae_from_reference, reference_dir, reference_files, reference_inputs, relative_error
 
 FLOAT64_TOL = 1e-9
 FLOAT32_TOL = 1e-5
@@ -66,16 +66,16 @@ class _Errors:
         assert not failed, f"{label}: above {self.tol:g}: " + ", ".join(f"{k}={v:.3e}" for k, v in failed.items())
 
 
-def _compare_forward(errors: _Errors, out, expected: dict) -> None:
+def _compare_forward(errors: _Errors, out, losses: dict, expected: dict) -> None:
     for name in FORWARD_TENSORS:
         errors.tensor(name, getattr(out, name), expected[name])
     assert expected["losses"], "fixture has no losses"
     for name, ref in expected["losses"].items():
-        assert name in out.losses, f"loss {name} missing from MPAE.compute_losses"
+        assert name in losses, f"loss {name} missing from MPAELoss"
         if ref.ndim == 0:
-            errors.scalar(f"loss {name}", out.losses[name], ref)
+            errors.scalar(f"loss {name}", losses[name], ref)
         else:
-            errors.tensor(f"loss {name}", out.losses[name], ref)
+            errors.tensor(f"loss {name}", losses[name], ref)
 
 
 def test_reference_dir_exists():
@@ -89,15 +89,15 @@ def test_mpae_matches_reference_float64(path, record_property):
     expected = fixture["outputs_float64"]
     inputs = reference_inputs(fixture, torch.float64)
     model = mpae_from_reference(fixture, torch.float64).train()
-    assert all(p.dtype == torch.float64 for p in model.parameters())
-    out = model.compute_losses(
-        inputs["image"], target=inputs["target"], noise=inputs["noise"], backbone_tokens=inputs["backbone_tokens"]
-    )
-    assert out.total.dtype == torch.float64
+    loss = loss_from_reference(fixture, torch.float64)
+    assert all(p.dtype == torch.float64 for p in [*model.parameters(), *loss.parameters()])
+    out = model(inputs["image"], target=inputs["target"], noise=inputs["noise"], backbone_tokens=inputs["backbone_tokens"])
+    losses = loss(out)
+    assert losses["total"].dtype == torch.float64
     errors = _Errors(FLOAT64_TOL)
-    _compare_forward(errors, out, expected)
+    _compare_forward(errors, out, losses, expected)
 
-    out.total.backward()
+    losses["total"].backward()
     params = dict(model.named_parameters())
     assert expected["grads"], "fixture has no gradients"
     for official_name, ref_grad in expected["grads"].items():
@@ -120,37 +120,39 @@ def test_mpae_matches_reference_float32(path, record_property):
     """Forward tensors, losses and the eval map of the float32 reference within 1e-5 (no gradients)."""
     fixture = _load(path)
     inputs, expected = fixture["inputs"], fixture["outputs"]
-    model = mpae_from_reference(fixture).train()
+    model, loss = mpae_from_reference(fixture).train(), loss_from_reference(fixture)
     with torch.no_grad():
-        out = model.compute_losses(
-            inputs["image"], target=inputs["target"], noise=inputs["noise"], backbone_tokens=inputs["backbone_tokens"]
-        )
+        out = model(inputs["image"], target=inputs["target"], noise=inputs["noise"], backbone_tokens=inputs["backbone_tokens"])
         errors = _Errors(FLOAT32_TOL)
-        _compare_forward(errors, out, expected)
+        _compare_forward(errors, out, loss(out), expected)
         eval_map = model.eval().predict_parts(inputs["image"], backbone_tokens=inputs["backbone_tokens"])
     errors.tensor("eval_similarity", eval_map, expected["eval_similarity"])
     errors.check(record_property, f"{path.stem} float32")
 
 
 @pytest.mark.parametrize("path", _fixtures("mpae_reference_*.pt"))
-def test_default_target_and_inference_forward(path):
-    """Without an explicit target the model builds the same one; eval-mode forward gives the eval map."""
+def test_default_target_and_same_forward_in_eval_mode(path):
+    """Without an explicit target the model builds the same one; eval mode changes nothing in the forward."""
     fixture = _load(path)
     inputs = reference_inputs(fixture, torch.float64)
     expected = fixture["outputs_float64"]
-    model = mpae_from_reference(fixture, torch.float64)
+    model, loss = mpae_from_reference(fixture, torch.float64), loss_from_reference(fixture, torch.float64)
     with torch.no_grad():
-        out = model.train().compute_losses(inputs["image"], noise=inputs["noise"], backbone_tokens=inputs["backbone_tokens"])
-        probs = model.eval()(inputs["image"], backbone_tokens=inputs["backbone_tokens"])
+        out = model.train()(inputs["image"], noise=inputs["noise"], backbone_tokens=inputs["backbone_tokens"])
+        out_eval = model.eval()(inputs["image"], noise=inputs["noise"], backbone_tokens=inputs["backbone_tokens"])
+        total = loss(out)["total"]
+    assert type(out) is type(out_eval)
     errors = _Errors(FLOAT64_TOL)
     errors.tensor("target", out.target, inputs["target"].double())
-    errors.scalar("total", out.total, expected["losses"]["total"])
-    errors.tensor("eval-mode forward", probs, expected["eval_similarity"])
+    errors.scalar("total", total, expected["losses"]["total"])
+    errors.tensor("eval-mode similarity", out_eval.similarity, expected["similarity"])
+    errors.tensor("eval-mode restored", out_eval.restored, out.restored)
     failed = {k: v for k, v in errors.errors.items() if not v <= FLOAT32_TOL}
     # The fixture's target was made in float32, so the default (float64) target agrees to float32 rounding.
     assert errors.errors["target"] <= FLOAT32_TOL, failed
     assert errors.errors["total"] <= FLOAT32_TOL, failed
-    assert errors.errors["eval-mode forward"] <= FLOAT64_TOL, failed
+    assert errors.errors["eval-mode similarity"] <= FLOAT64_TOL, failed
+    assert errors.errors["eval-mode restored"] == 0.0, failed
 
 
 @pytest.mark.parametrize("path", _fixtures("dinov2_reference_*.pt"))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,7 +55,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def _state(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 # ---------------------------------------------------------------------------------- exact resume
@@ -78,7 +80,7 @@ def test_interrupted_run_resumes_bit_identical(trained, tmp_path, capsys, stop_a
     assert reference.keys() == resumed.keys()
     different = [k for k in reference if not torch.equal(reference[k], resumed[k])]
     assert not different, f"{len(different)} tensors differ after resuming, e.g. {different[:3]}"
-    meta = torch.load(saved[0], map_location="cpu", weights_only=False)
+    meta = torch.load(saved[0], map_location="cpu", weights_only=True)
     assert meta["global_step"] == 4 and {"torch", "numpy", "python"} <= set(meta["callbacks"]["ExactResume"]["train_rng"])
 
 
@@ -123,55 +125,93 @@ def test_non_finite_loss_stops_at_once_without_checkpoint(tmp_path, capsys):
 
 def test_non_finite_steps_can_be_skipped_and_are_counted(tmp_path):
     assert _run(["fit", *_args(tmp_path, "--model.init_args.lr=1e6", "--non_finite.action=skip")]) == 0
-    ckpt = torch.load(_ckpts(tmp_path, "last.ckpt")[0], map_location="cpu", weights_only=False)
+    ckpt = torch.load(_ckpts(tmp_path, "last.ckpt")[0], map_location="cpu", weights_only=True)
     assert ckpt["callbacks"]["NonFiniteGuard"]["skipped"] >= 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
 # -------------------------------------------------------------------------- pre-emption (signals)
-def _spawn(root: Path, marker: Path) -> subprocess.Popen:
-    slow = ('--trainer.callbacks+={"class_path": "signal_helpers.MarkThenSlow", '
-            f'"init_args": {{"marker": "{marker}", "step": 1}}}}')
+#: The line a run stopped mid-epoch prints; the numbers are read from it, never expected in advance.
+STOPPED_MID_EPOCH = re.compile(
+    r"^mpae: stopped by (?P<name>SIG[A-Z]+) at epoch (?P<epoch>\d+), step (?P<step>\d+) "
+    r"\(batch (?P<batch>\d+) of (?P<per_epoch>\d+) done\): saved (?P<ckpt>.+?); resume with "
+)
+#: Epochs of the pre-empted runs (4 batches each): the resumed run must end after all their steps.
+PREEMPTED_EPOCHS = 2
+#: Only so that a broken run cannot hang the suite; no assertion depends on how long anything takes.
+HANG_GUARD_S = 1800
+
+
+def _callback(class_name: str, **init_args: object) -> str:
+    return '--trainer.callbacks+=' + json.dumps({"class_path": f"signal_helpers.{class_name}", "init_args": init_args})
+
+
+def _preempted_args(root: Path, *extra: str) -> list[str]:
+    return _args(root, "--data.init_args.num_train=32", f"--trainer.max_epochs={PREEMPTED_EPOCHS}", *extra)
+
+
+def _spawn(root: Path, marker: Path, sig: signal.Signals) -> subprocess.Popen:
+    """``mpae fit`` in a child process that writes ``marker`` and then waits, mid-epoch, for ``sig``."""
+    wait = _callback("MarkThenWaitForSignal", marker=str(marker), signum=int(sig), step=1, give_up_after=HANG_GUARD_S)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "mpae_lightning", "fit",
-         *_args(root, "--data.init_args.num_train=32", "--trainer.max_epochs=3", slow)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    root.mkdir()
+    with open(root / "stdout.txt", "w") as out, open(root / "stderr.txt", "w") as err:  # files: a full pipe cannot block it
+        return subprocess.Popen([sys.executable, "-m", "mpae_lightning", "fit", *_preempted_args(root, wait)],
+                                cwd=REPO, env=env, stdout=out, stderr=err, text=True)
 
 
-def test_sigterm_and_sigint_checkpoint_mid_epoch_and_exit_nonzero(tmp_path, capsys):
-    runs = {sig: (tmp_path / sig.name, tmp_path / f"{sig.name}.started") for sig in (signal.SIGTERM, signal.SIGINT)}
-    procs = {sig: _spawn(root, marker) for sig, (root, marker) in runs.items()}
+def test_sigterm_and_sigint_checkpoint_mid_epoch_and_exit_nonzero(tmp_path):
+    """Each run is signalled once it waits at a known state (the marker), so the load on the machine
+    cannot move the stop; the step it stopped at is read from its message and checked against the
+    checkpoint, and the resumed run continues from that step to the end."""
+    runs = {sig: (tmp_path / sig.name, tmp_path / f"{sig.name}.waiting") for sig in (signal.SIGTERM, signal.SIGINT)}
+    procs = {sig: _spawn(root, marker, sig) for sig, (root, marker) in runs.items()}
     try:
-        deadline = time.monotonic() + 240
+        guard = time.monotonic() + HANG_GUARD_S
         pending = dict(procs)
-        while pending and time.monotonic() < deadline:
+        while pending and time.monotonic() < guard:
             for sig, proc in list(pending.items()):
                 if runs[sig][1].exists():
                     proc.send_signal(sig)
                     del pending[sig]
-                assert proc.poll() is None or sig not in pending, proc.communicate()[1][-3000:]
+                elif proc.poll() is not None:
+                    pytest.fail(f"the {sig.name} run ended before it waited for the signal:\n"
+                                + (runs[sig][0] / "stderr.txt").read_text()[-3000:])
             time.sleep(0.2)
-        assert not pending, "training never started"
-        outputs = {sig: proc.communicate(timeout=240) for sig, proc in procs.items()}
+        assert not pending, f"no marker from {[s.name for s in pending]} within the hang guard"
+        for proc in procs.values():
+            proc.wait(timeout=HANG_GUARD_S)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-    for sig, (stdout, stderr) in outputs.items():
+    stops = {}
+    for sig, proc in procs.items():
         root = runs[sig][0]
-        assert procs[sig].returncode == 128 + sig, stderr[-3000:]
+        stderr = (root / "stderr.txt").read_text()
+        assert proc.returncode == 128 + sig, stderr[-3000:]
         assert "Traceback" not in stderr, stderr[-3000:]
-        line = next(line for line in stderr.splitlines() if line.startswith("mpae: stopped by"))
-        assert sig.name in line and "epoch 0, step 2 (batch 2 of 4" in line and "--ckpt_path last" in line, line
-        ckpt = torch.load(_ckpts(root, "last.ckpt")[0], map_location="cpu", weights_only=False)
-        assert ckpt["global_step"] == 2 and ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_done"] == 2
-    # and it resumes from where it stopped
-    root = runs[signal.SIGTERM][0]
-    resume = _args(root, "--data.init_args.num_train=32", "--trainer.max_epochs=1", "--ckpt_path=last")
-    assert _run(["fit", *resume]) == 0
-    assert torch.load(_ckpts(root, "last.ckpt")[0], map_location="cpu", weights_only=False)["global_step"] == 4
+        stopped = [line for line in stderr.splitlines() if line.startswith("mpae: stopped by")]
+        assert len(stopped) == 1, stderr[-3000:]
+        stop = STOPPED_MID_EPOCH.match(stopped[0])
+        assert stop and stop["name"] == sig.name and "--ckpt_path last" in stopped[0], stopped[0]
+        epoch, step, batch, per_epoch = (int(stop[k]) for k in ("epoch", "step", "batch", "per_epoch"))
+        # mid-epoch (the run waited inside epoch 0), and the message's numbers agree with each other
+        assert 1 <= batch < per_epoch and step == epoch * per_epoch + batch, stopped[0]
+        saved = _ckpts(root, "last.ckpt")
+        assert len(saved) == 1 and os.path.samefile(saved[0], stop["ckpt"]), (saved, stopped[0])
+        ckpt = torch.load(saved[0], map_location="cpu", weights_only=True)
+        assert ckpt["global_step"] == step and ckpt["epoch"] == epoch, (ckpt["global_step"], ckpt["epoch"], stopped[0])
+        assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_done"] == batch, stopped[0]
+        stops[sig] = (step, per_epoch)
+    # and each resumes from the step it stopped at and ends after all the steps of the run
+    for sig, (step, per_epoch) in stops.items():
+        root, started = runs[sig][0], tmp_path / f"{sig.name}.resumed_from"
+        assert _run(["fit", *_preempted_args(root, "--ckpt_path=last", _callback("RecordTrainStart", path=str(started)))]) == 0
+        assert int(started.read_text()) == step
+        saved = _ckpts(root, "last*.ckpt")
+        assert [Path(p).name for p in saved] == ["last.ckpt"], saved
+        assert torch.load(saved[0], map_location="cpu", weights_only=True)["global_step"] == PREEMPTED_EPOCHS * per_epoch
 
 
 # -------------------------------------------------------------------- one line per user error
@@ -285,7 +325,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, how):
 
 
 def test_checkpoint_that_does_not_fit_its_own_settings_is_one_line(trained, tmp_path, capsys):
-    ckpt = torch.load(_ckpts(trained, "last.ckpt")[0], map_location="cpu", weights_only=False)
+    ckpt = torch.load(_ckpts(trained, "last.ckpt")[0], map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["num_parts"] = 6  # settings that no longer match the tensors
     bad = tmp_path / "edited.ckpt"
     torch.save(ckpt, bad)

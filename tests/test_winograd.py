@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpae_lightning.models.winograd import winograd_conv3x3, winograd_weight
+from mpae_lightning.losses.winograd import winograd_conv3x3, winograd_weight
 
 
 @pytest.mark.parametrize("shape, c_out", [((2, 5, 6, 8), 7), ((1, 16, 2, 2), 3), ((3, 4, 12, 4), 16)])
@@ -27,7 +27,7 @@ def test_equals_the_direct_convolution_in_float64(shape, c_out, bias, relu, chan
 
 def test_large_batches_run_in_chunks_with_the_same_function(monkeypatch):
     """The transformed input is 4x the input; past ``CHUNK_BYTES`` the batch is split, remainder included."""
-    from mpae_lightning.models import winograd
+    from mpae_lightning.losses import winograd
 
     torch.manual_seed(0)
     x = torch.randn(5, 4, 6, 6, dtype=torch.float64)

@@ -230,7 +230,7 @@ class KeypointRegressionEvaluation(Callback):
         dataset = build()
         normalization = self._normalization(datamodule, dataset)
         self.metric = KeypointRegression(
-            pl_module.model.num_parts + 1, datamodule.num_keypoints, normalization=normalization
+            pl_module.model.num_parts, datamodule.num_keypoints, normalization=normalization
         ).to(pl_module.device)
         sampler = EvalShardSampler(len(dataset), num_replicas=trainer.world_size, rank=trainer.global_rank)
         loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, sampler=sampler,

@@ -21,7 +21,8 @@ from lightning.pytorch import Trainer
 
 from .baselines import KMeansParts
 from .callbacks import PartVisualization
-from .cli import MPAECLI, run_cleanly, split_debug
+from .cli import MPAECLI
+from .errors import run_cleanly, split_debug
 from .errors import Interrupted
 from .lightning_module import MPAEModule
 from .metrics import KeypointPartMetrics, MaskPartMetrics
@@ -53,9 +54,8 @@ def evaluate_kmeans(module: MPAEModule, datamodule: Any, max_fit_images: int = 2
     # Fitted on training images, like MPAE; scored on the test split.
     kmeans = KMeansParts(model.backbone, model.num_parts + 1, model.grid_size)
     kmeans.fit(datamodule.train_dataloader(), max_fit_images)
-    k1 = model.num_parts + 1
-    keypoint = KeypointPartMetrics(datamodule.num_keypoints, k1)
-    mask = MaskPartMetrics(datamodule.num_mask_labels, k1)
+    keypoint = KeypointPartMetrics(datamodule.num_keypoints, model.num_parts)
+    mask = MaskPartMetrics(datamodule.num_mask_labels, model.num_parts)
     map_size = round(model.grid_size[0] * model.eval_scale_factor)
     for batch in datamodule.test_dataloader():
         scores = kmeans.predict_parts(batch["image"], map_size)

@@ -1,7 +1,6 @@
 """MPAEModule: training, evaluation and prediction of MPAE with Lightning."""
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import warnings
@@ -12,39 +11,61 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from .losses import MPAELoss
 from .metrics import KeypointPartMetrics, MaskPartMetrics
-from .models import MPAE, is_official_state_dict, load_official_state_dict
-from .models import MPAEOutput
+from .models import MPAE, MPAEOutput, is_official_state_dict, load_official_state_dict
+from .models.backbone import DEFAULT_BACKBONE
 from .models.weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
 
-#: MPAE's settings as MPAEModule forwards them (name -> default); built objects stay Python-only.
-MODEL_SETTINGS = {
-    name: param.default
-    for name, param in inspect.signature(MPAE).parameters.items()
-    if name not in ("vgg_features", "backbone_module")
-}
-#: Hyper-parameters older versions saved that are no longer settings (ignored when loading).
-LEGACY_SETTINGS = {"num_visualize"}
+#: Settings the data section decides; the ``mpae`` CLI copies them from ``data.init_args`` and
+#: :meth:`MPAEModule.setup` checks them against a DataModule in Python.
+LINKED_FROM_DATA = ("image_size", "mini_group")
 
-#: The frozen public weights, per part: (state-dict prefix, the setting that rebuilds them).
+#: Settings a trained checkpoint fixes: they decide the network's parameters or its function. Given
+#: differently next to a checkpoint (``--ckpt_path``, ``load_from_checkpoint(**kwargs)``) they are
+#: refused; other settings (evaluation map size, loss weights, learning rate ...) may be changed.
+FIXED_BY_CHECKPOINT = (
+    "num_parts", "image_size", "feature_dim", "backbone", "backbone_kwargs", "backbone_dim", "patch_size",
+    "descriptor_width", "descriptor_depth", "descriptor_heads", "encoder_width", "encoder_depth",
+    "encoder_heads", "decoder_depth", "decoder_heads", "restore_patch", "norm_eps",
+)
+
+#: Where each frozen network lives in the state dict, and the setting that rebuilds it.
 FROZEN_PARTS = {
     "backbone": ("model.backbone.", "backbone_weights"),
-    "vgg": ("model.restoration_loss.features.", "vgg_weights"),
+    "vgg": ("loss.restoration.features.", "vgg_weights"),
 }
 #: Checkpoint key listing the frozen parts a checkpoint was saved without, with their sources.
 FROZEN_RECORD = "mpae_frozen_weights"
+#: State-dict prefixes of version 0.1.0 (VGG inside the model) -> today's (VGG inside the loss).
+RENAMED_PREFIXES = {"model.restoration_loss.features.": "loss.restoration.features."}
+#: Keys of version 0.1.0 that no longer exist (VGG's "ready" flag: a checkpoint's VGG is its weights).
+REMOVED_KEYS = ("loss.restoration.features.ready",)
+#: Devices whose Adam has a fused kernel (torch.optim.Adam ``fused=True``).
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def upgrade_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict of any released version in today's key names (in place; returns it)."""
+    for key in list(state):
+        for old, new in RENAMED_PREFIXES.items():
+            if key.startswith(old):
+                state[new + key[len(old):]] = state.pop(key)
+                key = new + key[len(old):]
+        if key in REMOVED_KEYS:
+            del state[key]
+    return state
 
 
 def frozen_parts_left_out(checkpoint_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The frozen parts ``checkpoint_path`` was saved without (``{}`` if self-contained), with their sources.
 
-    Memory-maps the file, so only the small records are read.
+    Read with ``weights_only=True`` (a checkpoint never runs code) and memory-mapped, so only
+    the small records are read.
     """
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
-    except RuntimeError:  # not a zip-format file: mmap is unsupported
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    return dict(checkpoint.get(FROZEN_RECORD) or {})
+    from .runs import read_checkpoint
+
+    return dict(read_checkpoint(str(checkpoint_path)).get(FROZEN_RECORD) or {})
 
 
 #: Validation scores shown in the progress bar; the first one present is also ``hp_metric``.
@@ -52,67 +73,144 @@ MAIN_SCORES = ("keypoint_nmi", "mask_nmi")
 
 
 class MPAEModule(LightningModule):
-    """MPAE with its losses, Adam + MultiStepLR, NMI/ARI evaluation and part-map prediction.
+    """MPAE (:attr:`model`) with its training objective (:attr:`loss`), Adam + MultiStepLR,
+    NMI/ARI evaluation and part-map prediction.
 
-    Precision, devices, DDP, gradient clipping (the paper clips at 2.0) and
-    accumulation come from the Trainer. The frozen backbone and VGG stay in eval
-    mode. Image size and mini-group are normally linked from the DataModule by the
-    ``mpae`` CLI; in Python they are checked against the DataModule at ``setup``.
-
-    Every setting of :class:`~mpae_lightning.models.MPAE` (``num_parts``, ``image_size``,
-    the widths and depths, the loss weights, ``l1_weight``, ``norm_eps``,
-    ``eval_scale_factor`` ...) is passed through ``**model_kwargs`` and written once, in
-    MPAE; LightningCLI follows the forwarding, so each is ``--model.init_args.<name>``
-    and ``mpae fit --model.help MPAEModule`` documents it. All of them, defaults
-    included, are saved in the hyper-parameters.
+    Precision, devices, DDP and accumulation come from the Trainer; the paper's gradient
+    clipping (norm 2.0) is the module's default, so a plain ``Trainer`` trains as the configs do. The frozen backbone and VGG stay in eval mode. Image size and
+    mini-group are normally linked from the DataModule by the ``mpae`` CLI; in Python they
+    are checked against the DataModule at ``setup``. Every setting is saved in the
+    hyper-parameters, defaults included, so a checkpoint does not depend on today's defaults.
 
     Args:
+        num_parts: K, the number of foreground parts (background is added).
+        image_size: input side S (the ``mpae`` CLI takes it from the data section).
+        feature_dim: C, width of the feature map, the descriptors and the decoder.
+        backbone: timm name of the frozen ViT (default DINOv2 ViT-B/14 with registers).
+        backbone_weights: ``"timm"`` (download), a local file (timm or Meta DINOv2 format) or ``"random"``.
+        backbone_kwargs: extra ``timm.create_model`` arguments (e.g. a small random ViT for demos).
+        backbone_dim: token width when ``backbone`` is ``None``.
+        patch_size: patch size when ``backbone`` is ``None``.
+        descriptor_width: width of the descriptor ViT.
+        descriptor_depth: blocks of the descriptor ViT.
+        descriptor_heads: heads of the descriptor ViT.
+        encoder_width: width of the masked patch encoder.
+        encoder_depth: blocks of the masked patch encoder.
+        encoder_heads: heads of the masked patch encoder.
+        decoder_depth: blocks of the decoder.
+        decoder_heads: heads of the decoder (``None``: C // 64).
+        restore_patch: side of each restored patch.
+        mask_ratio: fraction of patches hidden from the encoder.
+        eval_map_size: side of the evaluation map when ``eval_scale_factor`` is ``None``.
+        eval_scale_factor: upsampling factor from the patch grid to the evaluation map.
+        norm_eps: LayerNorm epsilon of the masked encoder and decoder.
+        mini_group: chunk size of the presence loss (the ``mpae`` CLI takes it from the data section).
+        presence_weight: lambda_p.
+        distribution_weight: lambda_d.
+        semantic_weight: lambda_s.
+        l1_weight: weight of the pixel L1 inside the restoration loss.
+        arcface_s: ArcFace logit scale s.
+        arcface_m: ArcFace angular margin m.
+        vgg_weights: ``"torchvision"`` (download on first use), a local ``.pth`` or ``"random"``.
         lr: Adam learning rate (authors' code 5e-4; the supplement says 5e-3).
         weight_decay: Adam weight decay (paper: none).
         milestones: MultiStepLR epochs.
         gamma: MultiStepLR factor.
+        gradient_clip_val: clip the gradient norm at this value before each optimizer step (the
+            paper: 2.0), also under a plain ``Trainer``; ``Trainer(gradient_clip_val=...)`` takes
+            precedence, ``None`` or 0 turns clipping off.
         weights: initial weights: an authors' ``.pth`` (e.g. ``CUB_K16.pth``) or one of our
             Lightning ``.ckpt`` files; detected from the keys.
-        frozen_weights_in_checkpoint: save the frozen DINOv2 and VGG-19 weights in every
-            checkpoint (default: self-contained files that load offline). ``false`` leaves
-            them out (about 398 MB less per file at CUB settings) and records their
-            sources (``backbone``, ``backbone_weights``, ``vgg_weights``); loading then
-            rebuilds them from those sources, so it needs the network or local files.
-            Randomly initialised frozen parts are always kept.
+        frozen_weights_in_checkpoint: save the frozen DINOv2 weights in every checkpoint
+            (default: self-contained files that load offline). ``false`` leaves them out and
+            records their source; loading then rebuilds them from it. Public VGG-19 weights are
+            never saved (they are the loss's, rebuilt from ``vgg_weights`` when training resumes);
+            randomly initialised frozen weights are always kept.
         compile: ``torch.compile`` the transformer blocks and the part-map losses
-            (:meth:`MPAE.compile_regions`) when a fit/validate/test/predict starts. Off by default:
-            it pays on GPUs, and the first steps then spend up to a minute compiling.
-        **model_kwargs: the settings of :class:`~mpae_lightning.models.MPAE`.
+            (:meth:`MPAE.compile_regions`, :meth:`MPAELoss.compile_regions`) when a
+            fit/validate/test/predict starts. Off by default: it pays on GPUs.
     """
 
     def __init__(
         self,
+        num_parts: int = 16,
+        image_size: int = 224,
+        feature_dim: int = 256,
+        backbone: str | None = DEFAULT_BACKBONE,
+        backbone_weights: str | None = "timm",
+        backbone_kwargs: dict[str, Any] | None = None,
+        backbone_dim: int | None = None,
+        patch_size: int | None = None,
+        descriptor_width: int = 256,
+        descriptor_depth: int = 6,
+        descriptor_heads: int = 8,
+        encoder_width: int = 256,
+        encoder_depth: int = 2,
+        encoder_heads: int = 4,
+        decoder_depth: int = 2,
+        decoder_heads: int | None = None,
+        restore_patch: int = 8,
+        mask_ratio: float = 0.9,
+        eval_map_size: int = 128,
+        eval_scale_factor: float | None = None,
+        norm_eps: float = 1e-5,
+        mini_group: int = 8,
+        presence_weight: float = 1.0,
+        distribution_weight: float = 0.5,
+        semantic_weight: float = 0.25,
+        l1_weight: float = 0.1,
+        arcface_s: float = 20.0,
+        arcface_m: float = 0.5,
+        vgg_weights: str | None = "torchvision",
         lr: float = 5e-4,
         weight_decay: float = 0.0,
         milestones: list[int] | None = None,
         gamma: float = 0.2,
+        gradient_clip_val: float | None = 2.0,
         weights: str | None = None,
         frozen_weights_in_checkpoint: bool = True,
         compile: bool = False,
-        **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        for legacy in LEGACY_SETTINGS.intersection(model_kwargs):
-            model_kwargs.pop(legacy)  # saved by older versions; no longer a model setting
-        unknown = sorted(set(model_kwargs) - set(MODEL_SETTINGS))
-        if unknown:
-            raise TypeError(f"MPAEModule got unknown settings {unknown}; MPAE's settings are {sorted(MODEL_SETTINGS)}")
         self.save_hyperparameters()
-        # Every MPAE setting, defaults included, so a checkpoint does not depend on today's defaults.
-        self.hparams.update({k: v for k, v in MODEL_SETTINGS.items() if k not in self.hparams})
-        model_kwargs.update({k: self.hparams[k] for k in MODEL_SETTINGS})
         state, backbone_included = self._read_initial_weights(weights)
         if backbone_included:  # the file supplies the backbone: do not download it
-            model_kwargs["backbone_weights"] = "random"
+            backbone_weights = "random"
         # Where the frozen weights really came from ("random" also when a file supplied them).
-        self._frozen_sources = {"backbone": model_kwargs["backbone_weights"], "vgg": model_kwargs["vgg_weights"]}
-        # Built objects are Python-only (MPAE itself takes them); LightningCLI offers the rest.
-        self.model = MPAE(vgg_features=None, backbone_module=None, **model_kwargs)
+        self._frozen_sources = {"backbone": backbone_weights, "vgg": vgg_weights}
+        self.model = MPAE(
+            num_parts=num_parts,
+            image_size=image_size,
+            feature_dim=feature_dim,
+            backbone=backbone,
+            backbone_weights=backbone_weights,
+            backbone_kwargs=backbone_kwargs,
+            backbone_dim=backbone_dim,
+            patch_size=patch_size,
+            descriptor_width=descriptor_width,
+            descriptor_depth=descriptor_depth,
+            descriptor_heads=descriptor_heads,
+            encoder_width=encoder_width,
+            encoder_depth=encoder_depth,
+            encoder_heads=encoder_heads,
+            decoder_depth=decoder_depth,
+            decoder_heads=decoder_heads,
+            restore_patch=restore_patch,
+            mask_ratio=mask_ratio,
+            eval_map_size=eval_map_size,
+            eval_scale_factor=eval_scale_factor,
+            norm_eps=norm_eps,
+        )
+        self.loss = MPAELoss(
+            mini_group=mini_group,
+            presence_weight=presence_weight,
+            distribution_weight=distribution_weight,
+            semantic_weight=semantic_weight,
+            l1_weight=l1_weight,
+            arcface_s=arcface_s,
+            arcface_m=arcface_m,
+            vgg_weights=vgg_weights,
+        )
         if state is not None:
             self._load_initial_weights(state, weights)
         self.metrics = nn.ModuleDict()
@@ -126,7 +224,7 @@ class MPAEModule(LightningModule):
         if is_official_state_dict(state):
             return state, any(k.removeprefix("module.").startswith("backbone1.") for k in state)
         if any(k.startswith("model.") for k in state):
-            return state, any(k.startswith("model.backbone.") for k in state)
+            return upgrade_state_dict(dict(state)), any(k.startswith("model.backbone.") for k in state)
         raise ValueError(
             f"weights={weights}: neither an official MPAE checkpoint (compress_layer./Transformer./Decoder. keys) "
             f"nor an mpae-lightning checkpoint (model.* keys); found e.g. {list(state)[:5]}"
@@ -137,51 +235,69 @@ class MPAEModule(LightningModule):
             load_official_state_dict(self.model, state)
             return
         own = self.state_dict()
+        frozen = tuple(prefix for prefix, _ in FROZEN_PARTS.values())
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        missing = [k for k in own if k not in state and not k.startswith(("model.backbone.", "model.restoration_loss."))]
+        missing = [k for k in own if k not in state and not k.startswith(frozen)]
         if mismatched or missing:
             raise ValueError(
                 f"weights={source} does not fit this configuration: shape mismatches {mismatched[:5]}, "
                 f"missing {missing[:5]} (check num_parts, image_size and the widths)"
             )
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        if any(k.startswith(FROZEN_PARTS["vgg"][0]) for k in state):
+            self.loss.vgg.mark_loaded()
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "MPAEModule":  # type: ignore[override]
-        """As Lightning's, but builds only what the checkpoint lacks.
+        """As Lightning's, but never runs code from the file and builds only what the checkpoint lacks.
 
-        A self-contained checkpoint (the default) holds the backbone and VGG weights, so
-        nothing is downloaded (VGG is lazy and marked ready by the checkpoint). One saved
-        with ``frozen_weights_in_checkpoint=False`` rebuilds them from the sources it
-        records; offline, pass local files as ``backbone_weights=`` / ``vgg_weights=``.
+        The file is read with ``weights_only=True`` (tensors and plain settings only), so a
+        malicious pickle is refused instead of executed. A self-contained checkpoint (the
+        default) holds the backbone weights, so nothing is downloaded; VGG-19 is needed only to
+        train and is fetched lazily. One saved with ``frozen_weights_in_checkpoint=False``
+        rebuilds the backbone from the source it records; offline, pass a local file as
+        ``backbone_weights=``.
         """
-        left_out = frozen_parts_left_out(checkpoint_path)
+        if kwargs.pop("weights_only", True) is not True:
+            raise ValueError("MPAEModule checkpoints hold only tensors and settings: load them with weights_only=True")
+        from .runs import hparam_conflicts, read_checkpoint
+
+        checkpoint = read_checkpoint(str(checkpoint_path))
+        left_out = dict(checkpoint.get(FROZEN_RECORD) or {})
+        fixed = {k: v for k, v in kwargs.items() if k in FIXED_BY_CHECKPOINT}
+        conflicts = hparam_conflicts(fixed, checkpoint.get("hyper_parameters") or {})
+        del checkpoint  # release the memory map
+        if conflicts:
+            name, value, saved = conflicts[0]
+            raise ValueError(
+                f"{name}={value} was given, but the checkpoint {checkpoint_path} was trained with {name}={saved}; "
+                f"the checkpoint fixes {name}: drop the argument"
+            )
         if "backbone" not in left_out:
             kwargs.setdefault("backbone_weights", "random")
         kwargs.setdefault("weights", None)
-        needs = (f"{checkpoint_path} was saved without the frozen {' and '.join(left_out)} weights "
-                 f"(frozen_weights_in_checkpoint=false), so they are rebuilt from their sources {left_out}")
-        for part, info in left_out.items():
-            setting = FROZEN_PARTS[part][1]
-            source = kwargs.get(setting, info[setting])
+        needs = (f"{checkpoint_path} was saved without the frozen {' and '.join(left_out)} weights, "
+                 f"so they are rebuilt from their sources {left_out}")
+        if "backbone" in left_out:
+            setting = FROZEN_PARTS["backbone"][1]
+            source = kwargs.get(setting, left_out["backbone"][setting])
             if is_local_file(source) and not Path(source).expanduser().is_file():
                 raise WeightsUnavailableError(
                     f"{needs}, but {setting}={source} does not exist: pass {setting}=<a local copy> (CLI: "
                     f"--model.init_args.{setting})"
                 )
         try:
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+            return super().load_from_checkpoint(checkpoint_path, *args, weights_only=True, **kwargs)
         except WeightsUnavailableError as err:
             raise WeightsUnavailableError(f"{needs}: {err}") from None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen pretrained weights out when asked, recording where they come from."""
-        if self.hparams.get("frozen_weights_in_checkpoint", True):
-            return
+        """Leave public frozen weights out (VGG always, the backbone when asked), recording their sources."""
         state, record = checkpoint["state_dict"], {}
         for part, (prefix, setting) in FROZEN_PARTS.items():
             source = self._frozen_sources[part]
-            if is_random(source):
+            keep = part == "backbone" and self.hparams.get("frozen_weights_in_checkpoint", True)
+            if keep or is_random(source):
                 continue  # random weights cannot be rebuilt: they stay in the file
             for key in [k for k in state if k.startswith(prefix)]:
                 del state[key]
@@ -191,36 +307,48 @@ class MPAEModule(LightningModule):
         checkpoint[FROZEN_RECORD] = record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fill the frozen weights a checkpoint left out from this module's own (built from their sources)."""
+        """Upgrade older key names, and fill the frozen weights a checkpoint left out from this module's own."""
+        state, own = upgrade_state_dict(checkpoint["state_dict"]), self.state_dict()
         record = checkpoint.get(FROZEN_RECORD) or {}
-        state, own = checkpoint["state_dict"], self.state_dict()
-        for part, info in record.items():
-            prefix, setting = FROZEN_PARTS[part]
-            if is_random(self._frozen_sources[part]):
+        for part, (prefix, setting) in FROZEN_PARTS.items():
+            if any(k.startswith(prefix) for k in state):
+                if part == "vgg":
+                    self.loss.vgg.mark_loaded()  # the checkpoint's VGG is the one it trained with
+                continue
+            if part == "backbone" and is_random(self._frozen_sources[part]) and part in record:
                 raise ValueError(
                     f"this checkpoint was saved without the frozen {part} weights (frozen_weights_in_checkpoint=false; "
-                    f"source {info}), but this model built them randomly: set {setting}={info[setting]!r} "
-                    f"(or a local copy of those weights) to load it"
+                    f"source {record[part]}), but this model built them randomly: set {setting}="
+                    f"{record[part][setting]!r} (or a local copy of those weights) to load it"
                 )
-            if part == "backbone":  # a VGG without keys stays lazy and resolves its source on first use
-                state.update({k: v for k, v in own.items() if k.startswith(prefix)})
+            # Built from their recorded source (the VGG lazily, on first use): take this module's own.
+            state.update({k: v for k, v in own.items() if k.startswith(prefix)})
 
     # ------------------------------------------------------------------ set-up
+    def attached_trainer(self) -> Any:
+        """The Trainer running this module, or None outside one (``self.trainer`` raises then)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def configure_model(self) -> None:
         """Compile the model's regions if asked (idempotent: Lightning calls this for every stage)."""
         if self.hparams.compile:
             self.model.compile_regions()
+            self.loss.compile_regions()
 
     def setup(self, stage: str) -> None:
-        resuming = self._trainer is not None and bool(self._trainer.ckpt_path)
+        trainer = self.attached_trainer()
+        resuming = trainer is not None and bool(trainer.ckpt_path)
         if stage in ("fit", "validate") and not resuming:
             # Fail fast (offline, missing file) before any data is read. With a ckpt_path the
             # checkpoint, restored after setup, normally carries VGG; else the first loss fetches it.
-            self.model.resolve_vgg()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            self.loss.resolve()
+        datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None:
             return
-        for name in ("image_size", "mini_group"):
+        for name in LINKED_FROM_DATA:
             value = getattr(datamodule, name, None)
             own = self.hparams[name]
             if value is not None and value != own:
@@ -237,7 +365,7 @@ class MPAEModule(LightningModule):
         # Lightning warns about every module in eval mode when training starts; the frozen
         # backbone and VGG are so on purpose. Silence exactly that count, so any other
         # module left in eval mode is still reported.
-        roots = ("model.backbone", "model.restoration_loss.features")
+        roots = ("model.backbone", "loss.restoration.features")
         frozen = [name for name, _ in self.named_modules() if name in roots or name.startswith(tuple(f"{r}." for r in roots))]
         if frozen:
             message = re.escape(f"Found {len(frozen)} module(s) in eval mode at the start of training")
@@ -245,12 +373,12 @@ class MPAEModule(LightningModule):
 
     def build_metrics(self, num_keypoints: int = 0, num_mask_labels: int = 0) -> None:
         """Create the val/test metrics for the data's annotations (called from ``setup``)."""
-        k1 = self.model.num_parts + 1
+        num_parts = self.model.num_parts
         for split in ("val", "test"):
             if num_keypoints and f"{split}_keypoint" not in self.metrics:
-                self.metrics[f"{split}_keypoint"] = KeypointPartMetrics(num_keypoints, k1)
+                self.metrics[f"{split}_keypoint"] = KeypointPartMetrics(num_keypoints, num_parts)
             if num_mask_labels and f"{split}_mask" not in self.metrics:
-                self.metrics[f"{split}_mask"] = MaskPartMetrics(num_mask_labels, k1)
+                self.metrics[f"{split}_mask"] = MaskPartMetrics(num_mask_labels, num_parts)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = self.model.trainable_parameters()
@@ -270,15 +398,20 @@ class MPAEModule(LightningModule):
         """
         from lightning.pytorch.plugins.precision import DoublePrecision, Precision
 
-        try:
-            from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        except ImportError:  # pragma: no cover - a torch without the helper: keep the default
-            return False
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         if trainer is None or type(trainer.precision_plugin) not in (Precision, DoublePrecision):
             return False
-        devices = _get_fused_kernels_supported_devices()
-        return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
+        return bool(params) and all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """The paper's clipping (gradient norm at ``gradient_clip_val``) when the Trainer sets none."""
+        if gradient_clip_val is None and gradient_clip_algorithm is None:
+            gradient_clip_val, gradient_clip_algorithm = self.hparams.get("gradient_clip_val"), "norm"
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---------------------------------------------------------------- training
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -286,13 +419,13 @@ class MPAEModule(LightningModule):
         return self.model.predict_parts(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.model.compute_losses(batch["image"])
-        self.last_train_losses = {k: v.detach() for k, v in out.losses.items()}  # NonFiniteGuard names bad terms
-        self._log_losses("train", out.losses, batch["image"].shape[0], on_step=True)
-        return out.total
+        losses = self.loss(self.model(batch["image"]))
+        self.last_train_losses = {k: v.detach() for k, v in losses.items()}  # NonFiniteGuard names bad terms
+        self._log_losses("train", losses, batch["image"].shape[0], on_step=True)
+        return losses["total"]
 
     def _log_losses(self, stage: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
-        # Every scalar: the terms of MPAE's LOSS_TERMS, their parts and the total, each once under
+        # Every scalar: the terms of MPAELoss (LOSS_TERMS), their parts and the total, each once under
         # its own name; the total is also what the progress bar shows.
         for name in [k for k, v in losses.items() if v.ndim == 0]:
             self.log(f"{stage}/{name}", losses[name].detach().float(), on_step=on_step, on_epoch=not on_step,
@@ -315,7 +448,7 @@ class MPAEModule(LightningModule):
         # curves are comparable), the part map scored by the metrics, and the picture's tensors.
         out = self.validation_outputs(batch["image"], batch["index"])
         self._update_metrics(batch, "val", self.model.part_probabilities(out.logits))
-        self._log_losses(self.log_prefix("val"), out.losses, batch["image"].shape[0], on_step=False)
+        self._log_losses(self.log_prefix("val"), self.loss(out), batch["image"].shape[0], on_step=False)
         return out  # handed to PartVisualization; Lightning keeps no validation outputs
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -324,9 +457,9 @@ class MPAEModule(LightningModule):
         return probs  # handed to test-time callbacks (e.g. KeypointRegressionEvaluation); not kept by Lightning
 
     def validation_outputs(self, images: torch.Tensor, index: torch.Tensor) -> MPAEOutput:
-        """Losses, part logits and restored images with the masking noise fixed by each sample's
-        dataset index, so validation losses and pictures are comparable across epochs."""
-        return self.model.compute_losses(images, noise=self._fixed_noise(index))
+        """The model's forward with the masking noise fixed by each sample's dataset index, so
+        validation losses and pictures are comparable across epochs."""
+        return self.model(images, noise=self._fixed_noise(index))
 
     def _fixed_noise(self, index: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -379,7 +512,7 @@ class MPAEModule(LightningModule):
         """
         if stage != "val":
             return stage
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.attached_trainer(), "datamodule", None)
         source = getattr(datamodule, "val_split", "val")
         return "val" if source in ("val", "holdout") else f"val_on_{source}"
 

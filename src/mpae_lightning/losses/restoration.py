@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .precision import HALF_DTYPES
+from ..models.precision import HALF_DTYPES
 
 DEFAULT_LAYER_WEIGHTS = (5 / 32, 5 / 16, 5 / 8, 5 / 4, 5.0)
 

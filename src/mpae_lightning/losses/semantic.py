@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import at_least_float32
+from ..models.precision import at_least_float32
 
 
 class ArcFaceSemanticLoss(nn.Module):

@@ -6,7 +6,9 @@
   K foreground channels ("FG-NMI/FG-ARI"); the true label is the keypoint index.
 * Mask mode (PartImageNet): every pixel, argmax over K+1 against the mask label.
 
-Part maps are ``(B, K+1, H, W)`` with the background channel LAST. The metric
+Part maps are ``(B, K+1, H, W)`` with the background channel LAST. Every
+``num_parts`` argument here is K, the model's ``MPAE(num_parts=K)`` (foreground
+parts only); the K+1 channel count is called ``num_channels``. The metric
 wrappers keep only contingency tables and counts (summed across processes), so
 their results are exact under DDP provided every test sample is seen by exactly
 one process.
@@ -44,6 +46,37 @@ def _check_part_probs(part_probs: Tensor, min_channels: int = 2) -> None:
         raise ValueError(
             f"`part_probs` must have shape (B, K+1, H, W) with K >= {min_channels - 1}, "
             f"got {tuple(part_probs.shape)}"
+        )
+
+
+def _check_num_parts(num_parts: int) -> int:
+    """Validate K (foreground parts, the model's ``num_parts``) and return it."""
+    if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
+        raise ValueError(
+            f"`num_parts` (K foreground parts, background not included) must be an integer >= 1, got {num_parts!r}"
+        )
+    return num_parts
+
+
+def _check_part_channels(part_probs: Tensor, num_parts: int) -> None:
+    """Refuse a part map whose channel count is not ``num_parts + 1``, naming both values.
+
+    A map with exactly ``num_parts`` channels most likely comes from passing the
+    channel count K+1 as ``num_parts`` (its meaning in earlier releases); the message says so.
+    """
+    if part_probs.ndim != 4:
+        raise ValueError(f"`part_probs` must have shape (B, K+1, H, W), got {tuple(part_probs.shape)}")
+    channels = part_probs.shape[1]
+    if channels != num_parts + 1:
+        hint = ""
+        if channels == num_parts and channels >= 2:
+            hint = (
+                f"; num_parts counts foreground parts only (the model's num_parts), "
+                f"so for this map pass num_parts={channels - 1}"
+            )
+        raise ValueError(
+            f"part_probs has {channels} channels but num_parts={num_parts} expects "
+            f"K+1={num_parts + 1} (K foreground parts + background){hint}"
         )
 
 
@@ -202,20 +235,17 @@ class _PartEvaluation(PartCount):
     def __init__(self, num_true_labels: int, num_parts: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _check_num_labels(num_true_labels=num_true_labels)
-        if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 2:
-            raise ValueError(f"`num_parts` (K+1, background included) must be an integer >= 2, got {num_parts!r}")
         self.num_true_labels = num_true_labels
-        self.num_parts = num_parts
+        self.num_parts = _check_num_parts(num_parts)  # K
+        self.num_channels = num_parts + 1  # K+1: the predicted labels, background included
         self.add_state(
             "contingency",
-            default=torch.zeros(num_true_labels, num_parts, dtype=torch.long),
+            default=torch.zeros(num_true_labels, self.num_channels, dtype=torch.long),
             dist_reduce_fx="sum",
         )
 
     def _check_channels(self, part_probs: Tensor) -> None:
-        _check_part_probs(part_probs)
-        if part_probs.shape[1] != self.num_parts:
-            raise ValueError(f"expected {self.num_parts} part channels (K+1), got {part_probs.shape[1]}")
+        _check_part_channels(part_probs, self.num_parts)
 
 
 class KeypointPartMetrics(_PartEvaluation):
@@ -229,7 +259,8 @@ class KeypointPartMetrics(_PartEvaluation):
 
     Args:
         num_keypoints: number of annotated keypoints per image (CUB 15, CelebA 5).
-        num_parts: number of part channels K+1, background included (last).
+        num_parts: K, the number of foreground parts (the model's ``num_parts``); the
+            part maps must have K+1 channels, background last.
         kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
@@ -241,7 +272,7 @@ class KeypointPartMetrics(_PartEvaluation):
         self.num_keypoints = num_keypoints
         self.add_state(
             "fg_contingency",
-            default=torch.zeros(num_keypoints, num_parts - 1, dtype=torch.long),
+            default=torch.zeros(num_keypoints, num_parts, dtype=torch.long),
             dist_reduce_fx="sum",
         )
 
@@ -257,10 +288,9 @@ class KeypointPartMetrics(_PartEvaluation):
         if keypoints.shape[1] != self.num_keypoints:
             raise ValueError(f"expected {self.num_keypoints} keypoints, got {keypoints.shape[1]}")
         labels = keypoint_part_labels(part_probs, keypoints, visible, image_size)
-        self.contingency += contingency_table(labels["pred"], labels["target"], self.num_keypoints, self.num_parts)
-        self.fg_contingency += contingency_table(
-            labels["fg_pred"], labels["target"], self.num_keypoints, self.num_parts - 1
-        )
+        target = labels["target"]
+        self.contingency += contingency_table(labels["pred"], target, self.num_keypoints, self.num_channels)
+        self.fg_contingency += contingency_table(labels["fg_pred"], target, self.num_keypoints, self.num_parts)
         PartCount.update(self, part_probs)
 
     def compute(self) -> dict[str, Tensor]:
@@ -283,7 +313,8 @@ class MaskPartMetrics(_PartEvaluation):
 
     Args:
         num_mask_labels: number of ground-truth mask labels (background included).
-        num_parts: number of part channels K+1, background included (last).
+        num_parts: K, the number of foreground parts (the model's ``num_parts``); the
+            part maps must have K+1 channels, background last.
         ignore_index: mask value to leave out of the scores (e.g. 255), if any.
         resolution: ``"map"`` compares at the part-map size (mask resized with
             nearest, the authors' protocol); ``"mask"`` at the mask size.
@@ -312,7 +343,7 @@ class MaskPartMetrics(_PartEvaluation):
         self._check_channels(part_probs)
         labels = mask_part_labels(part_probs, mask, self.resolution)
         self.contingency += contingency_table(
-            labels["pred"], labels["target"], self.num_mask_labels, self.num_parts, self.ignore_index
+            labels["pred"], labels["target"], self.num_mask_labels, self.num_channels, self.ignore_index
         )
         PartCount.update(self, part_probs)
 

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from mpae_lightning.metrics.evaluation import _check_num_parts, _check_part_channels
+
 __all__ = ["KeypointRegression", "keypoint_frame", "keypoint_regression_error", "part_centroids"]
 
 Normalization = Literal["bbox", "interocular", "image"]
@@ -207,7 +209,7 @@ class KeypointRegression(Metric):
     """KPR as a two-phase torchmetrics ``Metric``: fit on one split, score another.
 
     Example:
-        >>> kpr = KeypointRegression(num_parts=17, num_keypoints=15, normalization="image")
+        >>> kpr = KeypointRegression(num_parts=model.num_parts, num_keypoints=15, normalization="image")
         >>> for batch in train_batches:   # evaluation transform, keypoints included
         ...     kpr.update(model(batch["image"]), batch["keypoints"], batch["visible"], 224, split="fit")
         >>> kpr.fit()                      # syncs the fitting statistics across processes
@@ -220,7 +222,8 @@ class KeypointRegression(Metric):
     ``reset()`` forgets both phases.
 
     Args:
-        num_parts: part channels K+1, background last (only the K foreground parts give centroids).
+        num_parts: K, the number of foreground parts (the model's ``num_parts``); the part maps
+            must have K+1 channels, background last (only the K foreground parts give centroids).
         num_keypoints: L.
         normalization: ``"bbox"`` (pass ``boxes`` to ``update``; PDiscoNet's CUB protocol),
             ``"interocular"`` (CelebA) or ``"image"`` (the input size; when no box is available).
@@ -243,17 +246,17 @@ class KeypointRegression(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 2:
-            raise ValueError(f"`num_parts` (K+1, background included) must be an integer >= 2, got {num_parts!r}")
+        _check_num_parts(num_parts)
         if isinstance(num_keypoints, bool) or not isinstance(num_keypoints, int) or num_keypoints < 1:
             raise ValueError(f"`num_keypoints` must be a positive integer, got {num_keypoints!r}")
         if normalization not in ("bbox", "interocular", "image"):
             raise ValueError(f"`normalization` must be 'bbox', 'interocular' or 'image', got {normalization!r}")
-        self.num_parts, self.num_keypoints = num_parts, num_keypoints
+        self.num_parts, self.num_keypoints = num_parts, num_keypoints  # K, L
+        self.num_channels = num_parts + 1  # K+1 part-map channels, background last
         self.normalization = normalization
         self.interocular = tuple(interocular)
         self.threshold = threshold
-        d, L = 2 * (num_parts - 1), num_keypoints
+        d, L = 2 * num_parts, num_keypoints  # (x, y) of each foreground part
         shapes = {"valid": (L, d), "x_sum": (L, d), "x_sq": (L, d), "count": (L,), "y_sum": (L, 2),
                   "aa": (L, d, d), "ab": (L, d, d), "bb": (L, d, d), "ay": (L, d, 2), "by": (L, d, 2),
                   "a_sum": (L, d), "b_sum": (L, d)}
@@ -266,8 +269,7 @@ class KeypointRegression(Metric):
     def _normalised(
         self, part_probs: Tensor, keypoints: Tensor, image_size: int | tuple[int, int], boxes: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if part_probs.ndim != 4 or part_probs.shape[1] != self.num_parts:
-            raise ValueError(f"expected part_probs of shape (B, {self.num_parts}, h, w), got {tuple(part_probs.shape)}")
+        _check_part_channels(part_probs, self.num_parts)
         if keypoints.shape != (part_probs.shape[0], self.num_keypoints, 2):
             raise ValueError(
                 f"expected keypoints of shape ({part_probs.shape[0]}, {self.num_keypoints}, 2), got {tuple(keypoints.shape)}"

@@ -14,8 +14,8 @@ import timm
 import torch
 from torch import nn
 
-from .frozen import autocast_weight_copies, optimize_frozen_vit
-from .weights import WeightsUnavailableError, is_local_file, is_random
+from .frozen import autocast_weight_copies
+from .weights import WeightsUnavailableError, is_local_file, is_random, unreadable_reason
 
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
 
@@ -65,7 +65,9 @@ def _create_timm_vit(name: str, weights: str | None, setting: str, **kwargs: Any
         try:
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
         except Exception as err:  # noqa: BLE001
-            raise WeightsUnavailableError(f"{setting}: could not load {weights} into timm model '{name}': {err}") from None
+            raise WeightsUnavailableError(
+                f"{setting}: could not load {weights} into timm model '{name}' ({unreadable_reason(err)})"
+            ) from None
     try:
         with _offline_hub_if_unreachable():
             return timm.create_model(name, pretrained=True, **kwargs)
@@ -120,7 +122,6 @@ class FrozenBackbone(nn.Module):
         self.num_prefix_tokens = int(self.vit.num_prefix_tokens)
         self.requires_grad_(False)
         self.eval()
-        optimize_frozen_vit(self.vit)  # packed CPU GEMMs, in-place GELU and LayerScale: the same bits, faster
         # forward_features as a module, for functional_call with half-precision weight copies;
         # set past nn.Module's bookkeeping so that the ViT is not registered (nor saved) twice.
         object.__setattr__(self, "_features", _ForwardFeatures(self.vit))

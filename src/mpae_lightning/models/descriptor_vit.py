@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, QuickGELU
 from torch import nn
 
-from ..losses.precision import at_least_float32
+from .precision import at_least_float32
 from .pos_embed import sincos_pos_embed_2d
 
 

@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import ArcFaceSemanticLoss, DistributionLoss, PresenceLoss, RestorationLoss
-from ..losses.precision import at_least_float32
+from .precision import at_least_float32
 from .backbone import DEFAULT_BACKBONE, FrozenBackbone
 from .descriptor_vit import DescriptorViT
 from .restorer import MaskedRestorer, random_masking_ids
-from .vgg import VGGFeatures
 
 
 @dataclass
@@ -33,66 +31,30 @@ class PartEncoding:
 
 @dataclass
 class MPAEOutput:
-    """A training forward: every loss term (unweighted), the weighted total, and the tensors behind them."""
+    """One forward of the masked part autoencoder: every tensor the method (and its loss) uses.
 
-    losses: dict[str, torch.Tensor]
-    descriptors: torch.Tensor
-    local_features: torch.Tensor
-    similarity: torch.Tensor
-    filled_features: torch.Tensor
-    restored: torch.Tensor
-    target: torch.Tensor
-    masked: torch.Tensor  # (B, h*w) True where a patch was hidden from the encoder
-    logits: torch.Tensor  # (B, K+1, h, w) part logits <D, F>, for the evaluation map without a second pass
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total(self) -> torch.Tensor:
-        return self.losses["total"]
-
-
-@dataclass(frozen=True)
-class LossTerm:
-    """One weighted term of MPAE's total loss: a row of :data:`LOSS_TERMS`.
-
-    Attributes:
-        build: makes the loss module (``MPAE.<name>_loss``) from MPAE's constructor arguments.
-        inputs: what the module's forward takes, by name: ``restored``, ``target``,
-            ``similarity``, ``local_features``, ``descriptors``.
-        weight: the MPAE argument holding the term's weight in the total (None: weight 1).
+    Shapes with K foreground parts, background last, a (h, w) patch grid and restored side r.
     """
 
-    build: Callable[[dict[str, Any]], nn.Module]
-    inputs: tuple[str, ...]
-    weight: str | None = None
-
-
-#: MPAE's loss, one row per term: ``total = sum(weight * term)`` in this order. A term's
-#: name is its key in :attr:`MPAEOutput.losses` and its logged name (``train/<name>``); a
-#: module that returns a dict reports its parts too (logged as well). Adding a loss term is
-#: one row here (plus its settings in ``MPAE.__init__``); see docs/method.md for the formulas.
-LOSS_TERMS: dict[str, LossTerm] = {
-    "restoration": LossTerm(
-        lambda a: RestorationLoss(VGGFeatures(a["vgg_weights"], features=a["vgg_features"]), a["l1_weight"]),
-        ("restored", "target"),
-    ),
-    "distribution": LossTerm(lambda a: DistributionLoss(), ("similarity",), "distribution_weight"),
-    "presence": LossTerm(lambda a: PresenceLoss(a["mini_group"]), ("similarity",), "presence_weight"),
-    "semantic": LossTerm(
-        lambda a: ArcFaceSemanticLoss(a["arcface_s"], a["arcface_m"]),
-        ("similarity", "local_features", "descriptors"),
-        "semantic_weight",
-    ),
-}
+    logits: torch.Tensor  # (B, K+1, h, w) part logits <D, F>
+    similarity: torch.Tensor  # (B, K+1, h, w) part map P = softmax over parts
+    descriptors: torch.Tensor  # (B, K+1, C) part descriptors D
+    local_features: torch.Tensor  # (B, C, h, w) projected feature map F
+    filled_features: torch.Tensor  # (B, C, h, w) R = sum_k P_k D_k
+    restored: torch.Tensor  # (B, 3, r, r) restored image I'
+    target: torch.Tensor  # (B, 3, r, r) what I' should restore
+    masked: torch.Tensor  # (B, h*w) True where a patch was hidden from the encoder
 
 
 class MPAE(nn.Module):
-    """Masked Part AutoEncoder: discovers K parts (+ background, the last channel) per image.
+    """Masked Part AutoEncoder: maps images to K parts (+ background, the last channel).
 
     A frozen ViT gives patch tokens, projected to a feature map F. A trainable ViT over
     pixels gives K+1 part descriptors D; P = softmax_k <D_k, F> is the part map and
     R = sum_k P_k D_k fills every masked patch of a masked autoencoder, which must
-    restore the image. ``docs/method.md`` describes every step and loss term.
+    restore the image. ``docs/method.md`` describes every step. The training objective
+    (and the frozen VGG-19 it needs) is :class:`~mpae_lightning.losses.MPAELoss`, not part
+    of the model: inference and export need only this module.
 
     Args:
         num_parts: K, the number of foreground parts (background is added).
@@ -116,21 +78,9 @@ class MPAE(nn.Module):
         decoder_heads: heads of the decoder (``None``: C // 64).
         restore_patch: side of each restored patch; the restored image is (h*p_r)x(w*p_r).
         mask_ratio: fraction of patches hidden from the encoder.
-        mini_group: chunk size of the foreground presence loss (8 single-category, 64
-            multi-category). The ``mpae`` CLI sets it from ``data.init_args.mini_group``.
-        arcface_s: ArcFace logit scale s.
-        arcface_m: ArcFace angular margin m.
-        presence_weight: lambda_p.
-        distribution_weight: lambda_d.
-        semantic_weight: lambda_s.
-        l1_weight: weight of the pixel L1 inside L_r.
-        vgg_weights: ``"torchvision"`` (download), a local ``.pth`` or ``"random"``. Only the losses
-            use VGG, so the weights are fetched when a loss is first computed (or by
-            :meth:`resolve_vgg`), never at construction or for :meth:`predict_parts`.
         eval_map_size: side of the inference map when ``eval_scale_factor`` is ``None`` (128 in the paper).
         eval_scale_factor: upsampling factor from the patch grid to the inference map.
         norm_eps: LayerNorm epsilon of the masked encoder and decoder.
-        vgg_features: an already built ``vgg19().features`` to use instead of ``vgg_weights``.
         backbone_module: an already built backbone (anything with ``patch_size``, ``embed_dim``,
             and ``forward(images) -> (B, h*w, D)``) to use instead of ``backbone``.
     """
@@ -155,21 +105,11 @@ class MPAE(nn.Module):
         decoder_heads: int | None = None,
         restore_patch: int = 8,
         mask_ratio: float = 0.9,
-        mini_group: int = 8,
-        arcface_s: float = 20.0,
-        arcface_m: float = 0.5,
-        presence_weight: float = 1.0,
-        distribution_weight: float = 0.5,
-        semantic_weight: float = 0.25,
-        l1_weight: float = 0.1,
-        vgg_weights: str | None = "torchvision",
         eval_map_size: int = 128,
         eval_scale_factor: float | None = None,
         norm_eps: float = 1e-5,
-        vgg_features: nn.Sequential | None = None,
         backbone_module: nn.Module | None = None,
     ) -> None:
-        settings = dict(locals())  # the loss terms read their settings by name (LOSS_TERMS)
         super().__init__()
         if num_parts < 1:
             raise ValueError(f"num_parts (K foreground parts) must be >= 1, got {num_parts}")
@@ -177,8 +117,7 @@ class MPAE(nn.Module):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         positive = {"image_size": image_size, "feature_dim": feature_dim, "descriptor_width": descriptor_width,
                     "descriptor_heads": descriptor_heads, "encoder_width": encoder_width, "encoder_heads": encoder_heads,
-                    "decoder_heads": decoder_heads, "restore_patch": restore_patch, "mini_group": mini_group,
-                    "eval_map_size": eval_map_size}
+                    "decoder_heads": decoder_heads, "restore_patch": restore_patch, "eval_map_size": eval_map_size}
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -208,9 +147,6 @@ class MPAE(nn.Module):
         self.grid_size = (image_size // patch_size, image_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.mask_ratio = mask_ratio
-        self.loss_weights = {
-            name: 1.0 if term.weight is None else float(settings[term.weight]) for name, term in LOSS_TERMS.items()
-        }
         self.eval_scale_factor = float(eval_scale_factor) if eval_scale_factor else eval_map_size / self.grid_size[0]
 
         self.feature_proj = nn.Conv2d(backbone_dim, feature_dim, kernel_size=1, bias=False)
@@ -229,31 +165,15 @@ class MPAE(nn.Module):
             restore_patch,
             norm_eps,
         )
-        for name, term in LOSS_TERMS.items():
-            setattr(self, f"{name}_loss", term.build(settings))  # restoration_loss, distribution_loss, ...
-        self._compiled_map_terms: Callable[..., Any] | None = None  # set by compile_regions()
+        self._compiled_fill: Callable[..., Any] | None = None  # set by compile_regions()
 
     @property
     def restored_size(self) -> tuple[int, int]:
         p = self.restorer.restore_patch
         return self.grid_size[0] * p, self.grid_size[1] * p
 
-    @property
-    def mini_group(self) -> int:
-        return self.presence_loss.foreground.mini_group
-
-    def resolve_vgg(self) -> None:
-        """Fetch the VGG-19 weights of the restoration loss now, if not done yet.
-
-        Called by the first :meth:`compute_losses`; call it earlier to fail fast
-        (:class:`WeightsUnavailableError` naming ``vgg_weights``) before a long run starts.
-        """
-        features = self.restoration_loss.features
-        if isinstance(features, VGGFeatures):
-            features.resolve()
-
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Everything but the frozen backbone and VGG."""
+        """Everything but the frozen backbone."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def _check_images(self, images: torch.Tensor) -> None:
@@ -325,14 +245,14 @@ class MPAE(nn.Module):
             logits = torch.einsum("bkc,bchw->bkhw", descriptors.to(dtype), local_features)
         return PartEncoding(descriptors, local_features, logits)
 
-    def compute_losses(
+    def forward(
         self,
         images: torch.Tensor,
         target: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         backbone_tokens: torch.Tensor | None = None,
     ) -> MPAEOutput:
-        """A training forward.
+        """The masked part autoencoder's forward, the same in train and eval mode.
 
         Args:
             images: (B, 3, S, S) ImageNet-normalised images.
@@ -340,71 +260,39 @@ class MPAE(nn.Module):
             noise: (B, h*w) masking noise (ascending order = kept first); default: uniform random.
             backbone_tokens: precomputed (B, h*w, D) backbone tokens instead of running the backbone.
         """
-        self.resolve_vgg()  # before the forward: an offline failure comes first, not after it
         enc = self.encode_parts(images, backbone_tokens)
-        map_terms = self._compiled_map_terms or self._part_map_terms
-        similarity, filled, map_values = map_terms(enc.logits, enc.local_features, enc.descriptors)
+        fill = self._compiled_fill or self.fill_parts
+        similarity, filled = fill(enc.logits, enc.descriptors)
         if noise is None:
             noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
         ids_keep, masked = random_masking_ids(noise, self.mask_ratio)
         restored = self.restorer(images, filled, ids_keep)
         if target is None:
             target = F.interpolate(images, size=restored.shape[-2:], mode="bilinear", align_corners=False)
+        return MPAEOutput(enc.logits, similarity, enc.descriptors, enc.local_features, filled, restored, target, masked)
 
-        inputs = {"restored": restored, "target": target, "similarity": similarity,
-                  "local_features": enc.local_features, "descriptors": enc.descriptors}
-        losses: dict[str, torch.Tensor] = {}
-        total: torch.Tensor | None = None
-        for name, term in LOSS_TERMS.items():
-            if name in map_values:  # computed with the part map (compiled region)
-                value = map_values[name]
-            else:
-                value = getattr(self, f"{name}_loss")(*(inputs[k] for k in term.inputs))
-            if isinstance(value, dict):  # the term with its parts
-                losses.update(value)
-                value = value[name]
-            else:
-                losses[name] = value
-            weighted = value if term.weight is None else self.loss_weights[name] * value
-            total = weighted if total is None else total + weighted
-        losses["total"] = total  # type: ignore[assignment]
-        return MPAEOutput(
-            losses, enc.descriptors, enc.local_features, similarity, filled, restored, target, masked, enc.logits
-        )
-
-    def _part_map_terms(
-        self, logits: torch.Tensor, local_features: torch.Tensor, descriptors: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """P = softmax(logits), R = sum_k P_k D_k and every loss term of :data:`LOSS_TERMS` that needs
-        only the part map: the region of the step made of some fifty small kernels, which
-        :meth:`compile_regions` compiles into a few. Returns P, R and ``{name: value}``."""
+    @staticmethod
+    def fill_parts(logits: torch.Tensor, descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """P = softmax over parts of the logits and R = sum_k P_k D_k (the filled feature map)."""
         similarity = logits.softmax(dim=1)
-        filled = torch.einsum("bkhw,bkc->bchw", similarity, descriptors)
-        inputs = {"similarity": similarity, "local_features": local_features, "descriptors": descriptors}
-        values = {
-            name: getattr(self, f"{name}_loss")(*(inputs[k] for k in term.inputs))
-            for name, term in LOSS_TERMS.items()
-            if set(term.inputs) <= inputs.keys()
-        }
-        return similarity, filled, values
+        return similarity, torch.einsum("bkhw,bkc->bchw", similarity, descriptors)
 
     def compile_regions(self, **options: Any) -> None:
-        """``torch.compile`` the regions of the step that are many small kernels, in place.
+        """``torch.compile`` the regions of the forward that are many small kernels, in place.
 
         Each transformer block (frozen backbone, descriptor ViT, masked encoder and decoder)
-        is compiled on its own, and so is the part-map region (softmax, R and the four map
-        losses). Blocks of one kind share one compiled graph, so compilation takes a minute
-        or less, where compiling the whole step takes minutes and breaks the graph at the
-        masking and the VGG. None of these regions has a graph break. Parameters keep their
+        is compiled on its own, and so is the part-map region (softmax and R). Blocks of one
+        kind share one compiled graph, so compilation takes a minute or less, where compiling
+        the whole step takes minutes and breaks the graph at the masking. Parameters keep their
         names (state dicts and checkpoints are unchanged); a second call does nothing. Off by
         default: it pays on GPUs, where the step is launch- and memory-bound, and costs
-        compilation time everywhere.
+        compilation time everywhere. :meth:`MPAELoss.compile_regions` does the same for the loss.
 
         Args:
             options: ``torch.compile`` keyword arguments (default ``dynamic=False``: one graph per
                 input shape, as batch and image size are fixed during training).
         """
-        if self._compiled_map_terms is not None:
+        if self._compiled_fill is not None:
             return
         options = {"dynamic": False, **options}
         blocks = [*self.descriptor_vit.blocks, *self.restorer.encoder_blocks, *self.restorer.decoder_blocks]
@@ -412,7 +300,7 @@ class MPAE(nn.Module):
         blocks += list(getattr(vit, "blocks", []))
         for block in blocks:
             block.compile(**options)
-        self._compiled_map_terms = torch.compile(self._part_map_terms, **options)
+        self._compiled_fill = torch.compile(self.fill_parts, **options)
 
     def predict_parts(
         self,
@@ -441,9 +329,3 @@ class MPAE(nn.Module):
             if scale != 1:
                 logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
             return logits.softmax(dim=1)
-
-    def forward(self, images: torch.Tensor, **kwargs: Any) -> MPAEOutput | torch.Tensor:
-        """Training mode: :meth:`compute_losses`; eval mode: :meth:`predict_parts`."""
-        if self.training:
-            return self.compute_losses(images, **kwargs)
-        return self.predict_parts(images, **kwargs)

@@ -69,7 +69,7 @@ def convert_official_state_dict(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Rename the authors' keys to :class:`MPAE`'s.
 
-    Returns the MPAE state dict (without backbone or VGG) and the backbone's state
+    Returns the MPAE state dict (without backbone) and the backbone's state
     dict in Meta's DINOv2 key names, or ``None`` if the checkpoint has no ``backbone1.*`` keys.
     """
     if not is_official_state_dict(state_dict):
@@ -135,7 +135,7 @@ def load_official_state_dict(model: MPAE, state_dict: Mapping[str, torch.Tensor]
         if key in converted and converted[key].shape[1] == grid + 1:  # MAE-style table with a class slot
             converted[key] = converted[key][:, 1:]
     own = model.state_dict()
-    expected = {k for k in own if not k.startswith(("backbone.", "restoration_loss."))}
+    expected = {k for k in own if not k.startswith("backbone.")}
     missing = sorted(expected - converted.keys())
     unexpected = sorted(converted.keys() - expected)
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -160,8 +160,9 @@ def load_official_checkpoint(
     """Build a ready :class:`MPAE` from an authors' ``.pth`` file or state dict.
 
     Sizes readable from the weights (K, image size, widths, depths, restore patch)
-    are taken from the checkpoint; anything else (heads, backbone name, weight
-    sources, mini-group, loss weights) comes from ``mpae_kwargs`` or the defaults.
+    are taken from the checkpoint; anything else (heads, backbone name and weights,
+    mask ratio, evaluation map) comes from ``mpae_kwargs`` or the defaults. The training
+    objective is not part of the model: build :class:`~mpae_lightning.losses.MPAELoss` for it.
     If the checkpoint has ``backbone1.*`` keys the backbone is built randomly and
     filled from them, so nothing is downloaded.
     """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -31,6 +32,27 @@ def is_local_file(weights: str | None) -> bool:
     return os.sep in text or text.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt")) or Path(text).exists()
 
 
+def unreadable_reason(err: BaseException) -> str:
+    """Why a weight file could not be read, in one line (the exception's first line, or a refusal).
+
+    ``torch.load(weights_only=True)`` raises :class:`pickle.UnpicklingError` for a file holding
+    Python objects other than tensors and plain containers: unpickling those could run code, so
+    such a file is refused, never loaded another way.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, pickle.UnpicklingError):
+            return (
+                "refused: it holds Python objects besides tensors, and unpickling them could run code; "
+                "save a plain state dict (torch.save(model.state_dict(), path)) or a .safetensors file"
+            )
+        current = current.__cause__ or current.__context__
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
+
+
 def load_state_dict_file(path: str | os.PathLike, setting: str) -> dict[str, torch.Tensor]:
     """Read a ``.pth``/``.pt``/``.safetensors`` state dict, unwrapping ``state_dict``/``model`` keys."""
     path = Path(path).expanduser()
@@ -44,7 +66,7 @@ def load_state_dict_file(path: str | os.PathLike, setting: str) -> dict[str, tor
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise WeightsUnavailableError(f"{setting}: could not read weight file {path}: {err}") from None
+        raise WeightsUnavailableError(f"{setting}: could not read weight file {path} ({unreadable_reason(err)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

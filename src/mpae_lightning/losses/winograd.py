@@ -2,15 +2,18 @@
 
 Why: on the CPU the frozen VGG-19's convolutions are a third of a float32 training step,
 most of it in the wide layers (256 and 512 channels), and the direct kernels already run
-near the cores' peak, so only less arithmetic makes them faster. Winograd's minimal filtering computes each
-2x2 block of outputs from a 4x4 block of inputs with 16 products per channel pair
+near the cores' peak, so only less arithmetic makes them faster. Winograd's minimal filtering
+computes each 2x2 block of outputs from a 4x4 block of inputs with 16 products per channel pair
 instead of 36 (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
 CVPR 2016). The same function in exact arithmetic: in float32 the transforms add a few
 roundings, but each output sums 16 dot products of C terms instead of one of 9*C terms; on
 VGG-19's wide layers the result is 4-5e-7 from float64 (relative), against 6e-7 to 1.2e-6
 for oneDNN's direct channels-last kernel (benchmarks/RESULTS.md, change 12). The transforms
 are sums and differences of inputs (and halves, for the weights), done with a few
-whole-tensor passes; the 16 products are one batched GEMM.
+whole-tensor passes; the 16 products are one batched GEMM. Public tensor operations only.
+
+Used by :class:`~mpae_lightning.losses.vgg.VGGFeatures` only when its ``winograd_cpu`` switch is
+on (off by default, since it changes the float32 rounding).
 """
 from __future__ import annotations
 
