@@ -6,6 +6,7 @@ one-line messages :mod:`mpae_lightning.errors`, the model and its settings
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -238,6 +239,12 @@ def _init_names(cls: type) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+#: Commands beside LightningCLI's fit/validate/test/predict: name -> "module:function(argv) -> exit code".
+EXTRA_COMMANDS = {
+    "check-data": "mpae_lightning.check_data:check_data_main",
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point: user errors as one line (exit 2), pre-emption as exit 128 + signal.
 
@@ -246,10 +253,9 @@ def main(args: list[str] | None = None) -> None:
     argv, debug = split_debug([str(a) for a in (sys.argv[1:] if args is None else args)])
 
     def body() -> None:
-        if argv[:1] == ["check-data"]:
-            from .check_data import check_data_main
-
-            raise SystemExit(check_data_main(argv[1:]))
+        if argv[:1] and argv[0] in EXTRA_COMMANDS:
+            module, _, function = EXTRA_COMMANDS[argv[0]].partition(":")
+            raise SystemExit(getattr(importlib.import_module(module), function)(argv[1:]))
         if args is None:  # from the console: LightningCLI reads sys.argv (without --debug)
             sys.argv[1:] = argv
         MPAECLI(args=None if args is None else argv)
