@@ -87,7 +87,7 @@ class Ours:
 
     @property
     def vgg(self) -> nn.Module:
-        return self.criterion.vgg if self.criterion is not None else self.model.vgg
+        return self.criterion.vgg if self.criterion is not None else self.model.restoration_loss.features
 
     def train(self) -> None:
         self.model.train()

@@ -17,7 +17,8 @@ def _taps_and_grad(vgg: VGGFeatures, x: torch.Tensor) -> tuple[list[torch.Tensor
     """The taps and the gradient of a fixed random projection of them with respect to ``x``."""
     x = x.detach().requires_grad_(True)
     taps = vgg(x)
-    probes = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=t.dtype) for i, t in enumerate(taps)]
+    probes = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=t.dtype)
+              for i, t in enumerate(taps)]
     (grad,) = torch.autograd.grad(sum((t * p).sum() for t, p in zip(taps, probes)), x)
     return taps, grad
 

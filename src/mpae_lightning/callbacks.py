@@ -150,6 +150,11 @@ class PartPredictionWriter(BasePredictionWriter):
             raise ValueError(f"PartPredictionWriter resolution must be 'map' or 'original', got {resolution!r}")
         self.output_dir = output_dir
         self.resolution = resolution
+        self.images_written = 0  # this process's counts in the current predict run (mpae reports them)
+        self.files_written = 0
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.images_written = self.files_written = 0
 
     def write_on_batch_end(
         self,
@@ -179,6 +184,8 @@ class PartPredictionWriter(BasePredictionWriter):
             tile = tuple(image.shape[-2:])
             panel = label_grid(image[None], part_ids[None], num_parts, tile=tile, normalized=normalized)  # type: ignore[arg-type]
             save_grid(out / f"{stem}_overlay.png", panel)
+            self.images_written += 1
+            self.files_written += 3
 
 
 class KeypointRegressionEvaluation(Callback):

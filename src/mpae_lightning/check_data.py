@@ -101,7 +101,12 @@ def _data_config_args(argv: list[str]) -> list[str]:
 
 def check_data_main(argv: list[str]) -> int:
     """Entry point of ``mpae check-data``; returns the exit code."""
-    parser = ArgumentParser(prog="mpae check-data", description=__doc__, exit_on_error=False)
+    from .cli import HelpFormatter  # descriptions as written: one example per line
+
+    description = (__doc__ or "").replace("``", "`").replace("::\n", ":\n")
+    parser = ArgumentParser(
+        prog="mpae check-data", description=description, formatter_class=HelpFormatter, exit_on_error=False
+    )
     parser.add_subclass_arguments(PartDataModule, "data", required=True, help="The DataModule to check.")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=["train", "val", "test"],
                         help="Splits to read (val/test/predict that share a source are read once).")

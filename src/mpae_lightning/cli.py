@@ -6,13 +6,22 @@ one-line messages :mod:`mpae_lightning.errors`, the model and its settings
 """
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
 import importlib
+import importlib.util
 import inspect
+import logging
 import os
 import sys
-from typing import Any
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
 
-from jsonargparse import ArgumentError
+import torch
+from jsonargparse import ArgumentError, DefaultHelpFormatter
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -44,12 +53,69 @@ from .runs import (
     write_test_scores,
 )
 
-DESCRIPTION = (
-    "MPAE (Masked Part AutoEncoder, ICCV 2025): unsupervised part discovery with PyTorch Lightning. "
-    "Train, evaluate and predict part maps from a YAML config, e.g. "
-    "`mpae fit --config configs/cub.yaml --data.init_args.root /data/CUB_200_2011`; "
-    "`mpae fit --help` lists every setting."
+#: The four LightningCLI commands, in our words (``mpae --help`` and each command's ``--help``).
+COMMANDS = {
+    "fit": "train a model from a config, or resume a run with --ckpt_path",
+    "validate": "score a checkpoint on the validation images (scores logged in its run folder)",
+    "test": "score a checkpoint on the test split: NMI/ARI table and <run>/test_scores.yaml",
+    "predict": "write the part maps of images (.png, .npy, overlay) with a checkpoint",
+}
+
+DESCRIPTION = """\
+MPAE (Masked Part AutoEncoder, ICCV 2025): unsupervised part discovery with PyTorch Lightning.
+Train, evaluate and predict part maps from a YAML config, e.g.
+  mpae fit --config configs/cub.yaml --data.init_args.root /data/CUB_200_2011
+  mpae test --config configs/cub.yaml --data.init_args.root /data/CUB_200_2011 --ckpt_path last
+`mpae <command> --help` lists every setting of a command."""
+
+#: ``--ckpt_path`` as the mpae command understands it (LightningCLI's text speaks of Trainer arguments).
+CKPT_PATH_HELP = (
+    "the checkpoint to use: a .ckpt file (e.g. <run>/checkpoints/last.ckpt) or `last`, the last checkpoint "
+    "of the newest run of this config (its logger's save_dir/name). The model settings come from the "
+    "checkpoint (one given differently is refused) and test, validate and predict write into that run's "
+    "folder; fit resumes the run where it stopped. Without it, fit starts from scratch"
 )
+
+#: Lightning's advertisements ("Tip: ... litlogger / litmodels") come through these loggers.
+_TIP_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+#: Warnings about other libraries' internals a user of mpae can do nothing about: (message regex, category).
+_QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # MPAECLI reads ``args`` when given and sys.argv otherwise, never both: nothing to warn about.
+    (r"LightningCLI's args parameter is intended to run from within Python", Warning),
+)
+
+
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help (types, defaults) with descriptions printed as written, so examples and
+    command lists keep their lines."""
+
+
+class _DropTips(logging.Filter):
+    """Drop Lightning's "💡 Tip: install ..." lines; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """While an mpae command runs: no Lightning tips, no warnings about library internals.
+
+    Scoped (filters removed afterwards), so importing mpae_lightning changes nothing for other code.
+    """
+    tips = _DropTips()
+    loggers = [logging.getLogger(name) for name in _TIP_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for message, category in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(tips)
 
 
 class MPAECLI(LightningCLI):
@@ -73,23 +139,33 @@ class MPAECLI(LightningCLI):
         # --trainer.plugins replaces it. A class path, so config.yaml records it and can be re-run.
         trainer_defaults.setdefault("plugins", [{"class_path": "mpae_lightning.runs.AtomicCheckpointIO"}])
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        parser_kwargs = {"description": DESCRIPTION, "version": __version__, **kwargs.pop("parser_kwargs", {})}
+        parser_kwargs = {
+            "description": f"{DESCRIPTION}\n\ncommands:\n{command_list()}",
+            "usage": f"mpae [-h] [--version] [-c CONFIG] {{{','.join([*COMMANDS, *EXTRA_COMMANDS])}}} ...",
+            "version": __version__,
+            "formatter_class": HelpFormatter,
+            **kwargs.pop("parser_kwargs", {}),
+        }
+        for name, help_text in COMMANDS.items():  # each command's --help starts with our words
+            parser_kwargs[name] = {"description": f"mpae {name}: {help_text}.", **parser_kwargs.get(name, {})}
         kwargs.setdefault("auto_configure_optimizers", False)
         raw = kwargs.get("args")  # the command line, for telling given settings from defaults
         self._raw_args = [str(a) for a in (sys.argv[1:] if raw is None else raw)] if not isinstance(raw, dict) else []
         self._checkpoint: dict[str, Any] | None = None
         self._given: dict[str, str] = {}
         self._free_settings: dict[str, Any] = {}
-        super().__init__(
-            MPAEModule,
-            PartDataModule,
-            *args,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults=trainer_defaults,
-            parser_kwargs=parser_kwargs,
-            **kwargs,
-        )
+        self._start_epoch: int | None = None
+        with quiet_lightning():  # no tips, no warnings about library internals
+            super().__init__(
+                MPAEModule,
+                PartDataModule,
+                *args,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                trainer_defaults=trainer_defaults,
+                parser_kwargs=parser_kwargs,
+                **kwargs,
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # MPAEModule is the model unless another is named, so `--ckpt_path X` alone is a full command.
@@ -102,6 +178,43 @@ class MPAECLI(LightningCLI):
         parser.add_lightning_class_args(PartPredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(PartVisualization, "visualization")
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
+        # Ours instead of Trainer.fit's (skipped in subcommands()), for a help in mpae's meaning.
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help=CKPT_PATH_HELP)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's commands; ``ckpt_path`` is our own argument (see :data:`CKPT_PATH_HELP`)."""
+        return {name: {*skip, "ckpt_path"} for name, skip in LightningCLI.subcommands().items()}
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # `mpae test` prints its own table (after_test); --verbose true adds Lightning's
+            self.parser.set_defaults({"test.verbose": False})
+
+    # The commands, with our --ckpt_path handed to the Trainer (LightningCLI runs a method of this
+    # name when the CLI has one).
+    def fit(self, model: Any, **kwargs: Any) -> None:
+        """``mpae fit``: Trainer.fit with ``--ckpt_path``."""
+        self.trainer.fit(model, ckpt_path=self._ckpt_path(), **kwargs)
+
+    def validate(self, model: Any, **kwargs: Any) -> None:
+        """``mpae validate``: Trainer.validate with ``--ckpt_path``."""
+        self.trainer.validate(model, ckpt_path=self._ckpt_path(), **kwargs)
+
+    def test(self, model: Any, **kwargs: Any) -> None:
+        """``mpae test``: Trainer.test with ``--ckpt_path``."""
+        self.trainer.test(model, ckpt_path=self._ckpt_path(), **kwargs)
+
+    def predict(self, model: Any, **kwargs: Any) -> None:
+        """``mpae predict``: Trainer.predict with ``--ckpt_path``."""
+        self.trainer.predict(model, ckpt_path=self._ckpt_path(), **kwargs)
+
+    def _ckpt_path(self) -> str | None:
+        """The resolved ``--ckpt_path`` of the running command (``last`` already turned into a file)."""
+        value = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        return str(value) if value else None
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("allow_abbrev", False)  # a typo is an error, never a silently expanded prefix
@@ -198,6 +311,8 @@ class MPAECLI(LightningCLI):
                 config["model"]["init_args"][FROZEN_PARTS["backbone"][1]] = "random"
         if self.subcommand:
             use_run_folder(config, self.subcommand, self.save_config_kwargs, self._raw_args)
+            if self.subcommand != "fit":
+                no_default_hp_metric(config)
             preflight(config, self.subcommand)
         if self.subcommand == "predict" and not config.get("ckpt_path") and not config.get("untrained") and not (
             config["model"].get("init_args") or {}
@@ -210,11 +325,122 @@ class MPAECLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self._checkpoint is not None:
             check_checkpoint_shapes(self.model, self._checkpoint, str(self.config[self.subcommand]["ckpt_path"]))
+            self._start_epoch = int(self._checkpoint.get("epoch", 0))
             self._checkpoint = None  # release the memory map before training
 
+    # ---------------------------------------------------------- what each command says at the end
+    def _say(self, line: str) -> None:
+        """A command's last line, on stdout, once (rank 0)."""
+        if self.trainer.is_global_zero:
+            print(f"mpae: {line}", flush=True)
+
+    def after_fit(self) -> None:
+        """``mpae: trained N epochs; run folder <run>; checkpoint <run>/checkpoints/last.ckpt``."""
+        callback = self.trainer.checkpoint_callback
+        ckpt = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+        epochs = self.trainer.current_epoch
+        trained = f"trained {epochs} epoch{'s' if epochs != 1 else ''}"
+        if self._start_epoch is not None:
+            trained = f"trained to epoch {epochs} (resumed from {self._ckpt_path()})"
+        where = f"checkpoint {ckpt}" if ckpt else "no checkpoint written (no ModelCheckpoint callback)"
+        self._say(f"{trained}; run folder {self.trainer.log_dir}; {where}")
+
+    def after_validate(self) -> None:
+        """``mpae: validation scores logged in <run>``."""
+        self._say(f"validation scores logged in {self.trainer.log_dir}")
+
+    def before_test(self) -> None:
+        """Refuse data with nothing to score before the test loop runs (exit 2, no scores file)."""
+        datamodule = self.datamodule
+        flags = [getattr(datamodule, name, None) for name in ("has_keypoints", "has_masks")]
+        if flags == [False, False]:  # a PartDataModule that says so (another DataModule is tried)
+            raise ConfigError(f"mpae test: {_nothing_to_score(datamodule)}")
+
     def after_test(self) -> None:
-        """Store the test scores beside the run (``<run>/test_scores.yaml``)."""
-        write_test_scores(self.trainer)
+        """Print the scores in the papers' layout and store them (``<run>/test_scores.yaml``)."""
+        scores = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        if not scores:
+            raise ConfigError(f"mpae test: {_nothing_to_score(self.datamodule)}")
+        path = write_test_scores(self.trainer)
+        if self.trainer.is_global_zero:
+            print(score_table(scores), flush=True)
+        self._say(f"scores written to {path}" if path else "scores not written (no log folder)")
+
+    def after_predict(self) -> None:
+        """``mpae: wrote N files (part maps and overlays) for M images to <folder>``."""
+        writers = [cb for cb in self.trainer.callbacks if isinstance(cb, PartPredictionWriter)]  # type: ignore[attr-defined]
+        if not writers:
+            self._say("predictions done (no PartPredictionWriter: nothing written by mpae)")
+            return
+        for writer in writers:
+            counts = torch.tensor([writer.images_written, writer.files_written], device=self.trainer.strategy.root_device)
+            if self.trainer.world_size > 1:  # each process wrote its own share
+                counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            images, files = (int(c) for c in counts.tolist())
+            self._say(
+                f"wrote {files} files (part map .png and .npy, overlay .png) for {images} images to "
+                f"{writer.output_dir}"
+            )
+
+
+#: Rows of the ``mpae test`` table: (row, NMI key, ARI key) then (row, key) for single scores.
+_PAIR_ROWS = (
+    ("keypoints", "keypoint_nmi", "keypoint_ari"),
+    ("keypoints, foreground only", "keypoint_fg_nmi", "keypoint_fg_ari"),
+    ("part masks", "mask_nmi", "mask_ari"),
+    ("part masks, foreground only", "mask_fg_nmi", "mask_fg_ari"),
+)
+_SINGLE_ROWS = (
+    ("keypoint regression error (lower is better)", "keypoint_regression_error"),
+    ("foreground IoU (masks)", "mask_fg_iou"),
+    ("background IoU (masks)", "mask_bg_iou"),
+    ("parts per image (a count)", "parts_per_image"),
+)
+
+
+def score_table(scores: dict[str, float], prefix: str = "test/") -> str:
+    """The test scores as the papers show them: NMI and ARI (percent) with and without background
+    for keypoints and masks, then the single scores; any other logged score is listed last."""
+    get = {k[len(prefix):]: v for k, v in scores.items() if k.startswith(prefix)}
+    rows: list[tuple[str, list[str]]] = []
+    for name, nmi, ari in _PAIR_ROWS:
+        if nmi in get or ari in get:
+            rows.append((name, [nmi, ari]))
+    rows += [(name, [key]) for name, key in _SINGLE_ROWS if key in get]
+    shown = {key for _, keys in rows for key in keys}
+    rows += [(key, [key]) for key in sorted(get) if key not in shown]
+    title = "test scores (percent)"
+    width = max(len(name) for name, _ in [(title, []), *rows])
+    value = lambda key: f"{get[key]:8.2f}" if key in get else f"{'-':>8}"  # noqa: E731
+    lines = [f"{title:<{width}}  {'NMI':>8}  {'ARI':>8}"]
+    lines += [f"{name:<{width}}  {'  '.join(value(k) for k in keys)}" for name, keys in rows]
+    return "\n".join(lines)
+
+
+def _nothing_to_score(datamodule: Any) -> str:
+    """Why a test cannot score ``datamodule``, naming it and what to do instead."""
+    name = type(datamodule).__name__
+    root = getattr(datamodule, "root", None)
+    data = f"data {name}" + (f" (root={root})" if root else "")
+    return (
+        f"{data} has no keypoints or masks to score; test needs annotated data (CUB, CelebA, PartImageNet, "
+        "synthetic parts); to see the parts of these images run mpae predict with the same arguments"
+    )
+
+
+def no_default_hp_metric(config: Any) -> None:
+    """TensorBoard loggers of test/validate/predict log no placeholder ``hp_metric`` (-1).
+
+    With ``default_hp_metric`` a TensorBoardLogger writes ``hp_metric = -1`` and an HPARAMS entry
+    whenever a Trainer starts; in the training run's folder that would hide the run's real one.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in as_list(config["trainer"].get("logger")):
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        cls = _find_class(logger.get("class_path")) if init is not None else None
+        if isinstance(cls, type) and issubclass(cls, TensorBoardLogger) and "default_hp_metric" in init:
+            init["default_hp_metric"] = False
 
 
 def _find_class(class_path: str | None) -> type | None:
@@ -239,10 +465,47 @@ def _init_names(cls: type) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-#: Commands beside LightningCLI's fit/validate/test/predict: name -> "module:function(argv) -> exit code".
+#: Commands beside LightningCLI's fit/validate/test/predict: name -> "module:function(argv) -> exit code"
+#: (or a tuple ("module:function", "one-line help")). ``mpae --help`` shows the help, else the first
+#: sentence of the module's docstring, read without importing the module.
 EXTRA_COMMANDS = {
     "check-data": "mpae_lightning.check_data:check_data_main",
+    "export": "mpae_lightning.export:export_main",
+    "convert": "mpae_lightning.convert:convert_main",
 }
+
+
+def _command_target(entry: str | tuple[str, str]) -> str:
+    """``module:function`` of an :data:`EXTRA_COMMANDS` entry."""
+    return entry if isinstance(entry, str) else entry[0]
+
+
+def _command_help(entry: str | tuple[str, str]) -> str:
+    """One line about an extra command: its own help, else its module docstring's first sentence.
+
+    The docstring is read from the source file with ``ast`` (no import: a command's imports can
+    cost seconds, and ``mpae --help`` lists them all).
+    """
+    if not isinstance(entry, str):
+        return entry[1]
+    module = entry.partition(":")[0]
+    try:
+        spec = importlib.util.find_spec(module)
+        source = Path(spec.origin).read_text(encoding="utf-8") if spec is not None and spec.origin else ""
+        doc = ast.get_docstring(ast.parse(source)) or ""
+    except (ImportError, OSError, SyntaxError, ValueError):
+        return ""
+    first = " ".join(doc.split("\n\n", 1)[0].split())
+    if first.startswith("``") and "``: " in first:  # "``mpae check-data``: read ..." -> "read ..."
+        first = first.split("``: ", 1)[1]
+    return first.split(". ", 1)[0].rstrip(".")
+
+
+def command_list() -> str:
+    """Every ``mpae`` command with one line about it, for ``mpae --help``."""
+    commands = {**COMMANDS, **{name: _command_help(entry) for name, entry in EXTRA_COMMANDS.items()}}
+    width = max(len(name) for name in commands)
+    return "\n".join(f"  {name:<{width}}  {text}".rstrip() for name, text in commands.items())
 
 
 def main(args: list[str] | None = None) -> None:
@@ -254,7 +517,7 @@ def main(args: list[str] | None = None) -> None:
 
     def body() -> None:
         if argv[:1] and argv[0] in EXTRA_COMMANDS:
-            module, _, function = EXTRA_COMMANDS[argv[0]].partition(":")
+            module, _, function = _command_target(EXTRA_COMMANDS[argv[0]]).partition(":")
             raise SystemExit(getattr(importlib.import_module(module), function)(argv[1:]))
         if args is None:  # from the console: LightningCLI reads sys.argv (without --debug)
             sys.argv[1:] = argv

@@ -16,6 +16,7 @@ from .metrics import KeypointPartMetrics, MaskPartMetrics
 from .models import MPAE, MPAEOutput, is_official_state_dict, load_official_state_dict
 from .models.backbone import DEFAULT_BACKBONE
 from .models.weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
+from .pretrained import PretrainedMixin
 
 #: Settings the data section decides; the ``mpae`` CLI copies them from ``data.init_args`` and
 #: :meth:`MPAEModule.setup` checks them against a DataModule in Python.
@@ -72,9 +73,13 @@ def frozen_parts_left_out(checkpoint_path: str | os.PathLike) -> dict[str, dict[
 MAIN_SCORES = ("keypoint_nmi", "mask_nmi")
 
 
-class MPAEModule(LightningModule):
+class MPAEModule(LightningModule, PretrainedMixin):
     """MPAE (:attr:`model`) with its training objective (:attr:`loss`), Adam + MultiStepLR,
     NMI/ARI evaluation and part-map prediction.
+
+    ``save_pretrained(dir)`` / ``from_pretrained(dir_or_hub_id)`` / ``push_to_hub(repo_id)``
+    (:class:`~mpae_lightning.pretrained.PretrainedMixin`, huggingface_hub's model mixin) write and
+    read ``model.safetensors`` + ``config.json`` + a model card.
 
     Precision, devices, DDP and accumulation come from the Trainer; the paper's gradient
     clipping (norm 2.0) is the module's default, so a plain ``Trainer`` trains as the configs do. The frozen backbone and VGG stay in eval mode. Image size and
@@ -290,6 +295,18 @@ class MPAEModule(LightningModule):
             return super().load_from_checkpoint(checkpoint_path, *args, weights_only=True, **kwargs)
         except WeightsUnavailableError as err:
             raise WeightsUnavailableError(f"{needs}: {err}") from None
+
+    def frozen_source(self, part: str) -> str:
+        """Where the frozen ``part`` ("backbone" or "vgg") came from: "random" (kept in checkpoints)
+        or a public source it is rebuilt from (left out)."""
+        return self._frozen_sources[part]
+
+    def set_frozen_source(self, part: str, source: str) -> None:
+        """Record the public source of a frozen part whose weights were checked equal to it (``mpae
+        convert``), so checkpoints and pretrained folders leave them out and rebuild them from it."""
+        if part not in FROZEN_PARTS:
+            raise ValueError(f"frozen part must be one of {sorted(FROZEN_PARTS)}, got {part!r}")
+        self._frozen_sources[part] = source
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave public frozen weights out (VGG always, the backbone when asked), recording their sources."""

@@ -383,15 +383,21 @@ def use_run_folder(config: Any, subcommand: str, save_config_kwargs: dict[str, A
             writer["output_dir"] = str(run.path / "predictions")
 
 
-def write_test_scores(trainer: Any) -> None:
-    """Write the logged ``test/*`` scores to ``<log_dir>/test_scores.yaml`` (rank 0)."""
+def write_test_scores(trainer: Any) -> Path | None:
+    """Write the logged ``test/*`` scores to ``<log_dir>/test_scores.yaml`` (rank 0); return its path.
+
+    ``{ckpt_path, scores: {"test/keypoint_nmi": ..., ...}}``, the numbers ``mpae test`` prints.
+    Nothing is written (None) without scores, without a log folder, or on other ranks.
+    """
     if trainer.global_rank != 0 or not trainer.log_dir:
-        return
+        return None
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    if scores:
-        path = Path(trainer.log_dir) / "test_scores.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({"ckpt_path": trainer.ckpt_path, "scores": scores}, sort_keys=True))
+    if not scores:
+        return None
+    path = Path(trainer.log_dir) / "test_scores.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"ckpt_path": trainer.ckpt_path, "scores": scores}, sort_keys=True))
+    return path
 
 
 # ------------------------------------------------------------------------------------ pre-flight
