@@ -62,6 +62,7 @@ run 90 train_step.py --precision fp32 --image-size "$SIZE" ${AUTHORS_ARGS[@]+"${
 run 60 predict.py --precision bf16 --image-size "$SIZE"
 run 60 predict.py --precision fp32 --image-size "$SIZE" ${AUTHORS_ARGS[@]+"${AUTHORS_ARGS[@]}"}
 run 60 components.py --precision bf16 --image-size "$SIZE"
+run 60 predict.py --compare-dtypes --image-size "$SIZE"   # opt-in bf16 inference vs float32, with label agreement
 run 150 train_step.py --precision bf16 --image-size "$SIZE" --compile
 
 $PY - "$LOG" <<'EOF'
@@ -73,6 +74,12 @@ for line in open(sys.argv[1]):
         for part, res in r["results"].items():
             print(f"{'part':<11}{r['precision']:<6}{r['image_size']:>5}{'':>8}  {part:<12}{res['ours_seconds']:>9.4f}"
                   f"  base {res['base_seconds']:.4f}  ours x{res['paired_ours_vs_base']} (paired)")
+        continue
+    if r["benchmark"] == "predict_dtypes":  # this tree's map: float32 (default) against the opt-in bf16
+        sp = r["speedup"]
+        print(f"{'predict':<11}{'32/bf16':<8}{r['image_size']:>3}{'':>8}  fp32 {r['results']['fp32']['seconds']:.4f}"
+              f"  bf16 {r['results']['bf16']['seconds']:.4f}  bf16 x{sp['paired_bf16_vs_fp32']} (paired), labels "
+              f"{r['label_agreement_percent']} % equal, max prob diff {r['max_prob_diff']}")
         continue
     for name, res in r["results"].items():
         if "error" in res:

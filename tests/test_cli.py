@@ -55,8 +55,9 @@ def test_fit_test_predict_from_checkpoint(tmp_path, tiny_demo_args, capsys):
     assert labels.shape == (128, 128)
     assert labels.max() <= 4 and labels.min() >= 0  # K=4 foreground + background id 4
     assert np.array_equal(labels, np.load(npys[0]))
-    panel = Image.open(overlays[0])  # image | overlay | part map at the 64 px input size, headers, legend
-    assert panel.width == 3 * 64 + 2 * 2 and panel.height > 64 + 20
+    panel = Image.open(overlays[0])  # image | overlay | part map, the 64 px input upscaled 4x, title, headers, legend
+    assert panel.width == 3 * 256 + 2 * 2 and panel.height > 256 + 20
+    assert panel.text["Title"].startswith(f"MPAE K=4  |  {Path(ckpt).name}  |  epoch 0  |  "), panel.text
 
 
 def test_linked_arguments_come_from_data(tiny_demo_args):
@@ -233,3 +234,49 @@ def test_predict_without_trained_weights_is_refused_unless_asked(tmp_path, capsy
     assert not out.exists()  # nothing written from random weights
     main(["predict", *tiny_demo_args, f"--prediction_writer.output_dir={out}", "--untrained=true"])
     assert len(list(out.glob("*_parts.png"))) == 16
+
+
+def test_predict_and_parts_from_a_checkpoint_alone_on_mixed_images(trained_ckpt, tmp_path, capsys, monkeypatch):
+    """No --config, no --model: every setting from the checkpoint; one part map per image of any size and
+    mode; into --out or the run folder, nothing in the current folder; the last line says what went where.
+    `mpae parts` on the folder writes the same files."""
+    from inference_utils import make_mixed_images
+
+    ckpt, _ = trained_ckpt
+    images = make_mixed_images(tmp_path / "images")
+    n = len(images)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    quiet = ["--trainer.enable_progress_bar=false", "--data.num_workers=0", "--data.eval_batch_size=4"]
+    out = tmp_path / "out"
+    main(["predict", f"--ckpt_path={ckpt}", "--data", "ImageFolderDataModule", "--data.root", str(tmp_path / "images"),
+          *quiet, "--out", str(out)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"mpae: wrote {3 * n} files (part map .png and .npy, overlay .png) for {n} images to {out}"
+    maps = sorted(out.glob("*_parts.npy"))
+    assert [p.name for p in maps] == [f"{i:06d}_{p.stem}_parts.npy" for i, p in enumerate(images)]
+    assert all(np.load(p).shape == (128, 128) for p in maps)  # the checkpoint's evaluation map
+
+    # without --out: the checkpoint's run folder
+    main(["predict", f"--ckpt_path={ckpt}", "--data", "ImageFolderDataModule", "--data.init_args.root",
+          str(tmp_path / "images"), *quiet])
+    run_predictions = Path(ckpt).parents[1] / "predictions"
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"for {n} images to {run_predictions}")
+    assert len(list(run_predictions.glob("*_parts.png"))) >= n
+    assert list(cwd.iterdir()) == []  # no ./predictions, no ./lightning_logs
+
+    with pytest.raises(SystemExit) as stop:
+        main(["parts", str(tmp_path / "images"), f"--ckpt_path={ckpt}", "--out", str(tmp_path / "parts"), "--batch_size=4"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"mpae parts: wrote {3 * n} files for {n} images to {tmp_path / 'parts'}")
+    for path in maps:
+        assert np.array_equal(np.load(path), np.load(tmp_path / "parts" / path.name)), path.name
+
+
+def test_out_is_refused_where_it_means_nothing(trained_ckpt, tmp_path, capsys):
+    ckpt, _ = trained_ckpt
+    line = _error(capsys, ["test", f"--ckpt_path={ckpt}", "--data=mpae_lightning.data.SyntheticPartsDataModule",
+                           "--out", str(tmp_path / "x")])
+    assert "--out" in line and "mpae predict" in line, line

@@ -88,7 +88,7 @@ def test_fit_logs_each_quantity_once_under_a_clear_name(fitted):
     assert "train/loss" not in scalars and "train/total" in scalars
     assert not any(tag.startswith("val/") and tag.endswith(("/nmi", "/ari")) for tag in scalars)
     assert {"val/keypoint_nmi", "val/keypoint_fg_ari", "val/mask_nmi", "val/mask_ari"} <= set(scalars)
-    assert scalars["train/lr"] == [pytest.approx(1e-3)]  # once per epoch
+    assert scalars["train/lr"] == [pytest.approx(5e-4)]  # the demo config's lr (the default), once per epoch
     # hp_metric follows the main validation score instead of staying at -1
     assert scalars["hp_metric"][-1] == pytest.approx(scalars["val/keypoint_nmi"][-1])
     assert scalars["hp_metric"][-1] != -1

@@ -72,6 +72,20 @@ def test_ckpt_path_help_is_in_mpae_words(capsys, subcommand):
     assert "hpc" not in block and "registry" not in block, block  # not Lightning's text
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "predict"])
+def test_command_help_ends_with_every_model_setting_and_its_default(capsys, subcommand):
+    import inspect
+
+    from mpae_lightning import MPAEModule
+
+    out = _help(capsys, [subcommand, "--help"])
+    tail = out[out.index("MPAE's settings and defaults"):]
+    for name, param in inspect.signature(MPAEModule.__init__).parameters.items():
+        if name != "self":
+            assert f"{name}={param.default!r}" in tail, name
+    assert "--model.help MPAEModule" in tail
+
+
 # --------------------------------------------------------------------------------- fit's output
 def test_fit_shows_no_tips_or_library_warnings(fitted):
     proc, _ = fitted

@@ -84,7 +84,8 @@ def test_train_loader_batches_and_sharding():
     assert isinstance(loader.batch_sampler, MiniGroupBatchSampler)
     batch = next(iter(loader))
     assert batch["image"].shape == (16, 3, 32, 32)
-    assert set(batch) == {"image", "index", "path", "label"}
+    # mask_seed: each image's patch-mask noise seed (from its place in the global batch)
+    assert set(batch) == {"image", "index", "path", "label", "mask_seed"}
 
     seen = []
     for rank in range(2):

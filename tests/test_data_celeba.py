@@ -206,3 +206,72 @@ def test_test_items_match_a_direct_squash_within_a_grey_level(tmp_path, shape):
     dm.setup("test")
     got = _to_pixels(dm.test_dataset[0]["image"])
     assert np.abs(got - _bilinear_reference(pixels, 28)).max() <= 1.01
+
+
+def test_items_carry_the_isotropic_frame_and_squashed_leaves_it_out(data_celeba_root):
+    batch = next(iter(_loader(_dm(data_celeba_root))))
+    # 100x50 original: (W, H) / min(W, H) = (2, 1); 32x32: (1, 1)
+    assert batch["isotropic_scale"].tolist() == [[2.0, 1.0], [1.0, 1.0]]
+    # squashed (7.0, 5.6) in the 28x28 input -> isotropic (14.0, 5.6) = original (25, 10) * 28 / 50
+    assert torch.allclose(batch["keypoints"][0, 0].double() * batch["isotropic_scale"][0],
+                          torch.tensor([25.0, 10.0], dtype=torch.float64) * 28 / 50, atol=1e-5)
+    assert "isotropic_scale" not in next(iter(_loader(_dm(data_celeba_root, kpr_coordinates="squashed"))))
+    with pytest.raises(ValueError, match="kpr_coordinates must be 'isotropic' or 'squashed', got 'square'"):
+        _dm(data_celeba_root, kpr_coordinates="square")
+
+
+def _loader(dm):
+    dm.setup("test")
+    return dm.test_dataloader()
+
+
+def _write_mafl(root, anno_dir, boxes):
+    """MAFL_training.txt in root; CelebA's Anno files (count line, header line, rows) in anno_dir."""
+    (root / "MAFL_training.txt").write_text("".join(f"{name}\n" for name in boxes))
+    anno_dir.mkdir(exist_ok=True)
+    entries = {name: lm for name, _, lm in _TRAIN}
+    (anno_dir / "list_landmarks_unalign_celeba.txt").write_text(
+        f"{len(boxes)}\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y "
+        "rightmouth_x rightmouth_y\n"
+        + "".join(f"{name} " + " ".join(f"{v}" for xy in entries[name] for v in xy) + "\n" for name in boxes)
+    )
+    (anno_dir / "list_bbox_celeba.txt").write_text(
+        f"{len(boxes)}\nimage_id x_1 y_1 width height\n"
+        + "".join(f"{name}    {x} {y}  {w} {h}\n" for name, (x, y, w, h) in boxes.items())
+    )
+
+
+def test_kpr_fit_set_is_mafl_training_with_faces_over_30_percent(data_celeba_root):
+    # 000007.jpg is 60x80 (4800 px), 000013.jpg 50x50 (2500), 000016.jpg 40x60 (2400)
+    boxes = {"000007.jpg": (10, 10, 40, 36), "000013.jpg": (0, 0, 30, 24), "000016.jpg": (5, 5, 30, 24)}
+    # face areas: 1440 >= 0.3 * 4800 (kept, exactly 30 %), 720 < 750 (dropped), 720 >= 720 (kept)
+    _write_mafl(data_celeba_root, data_celeba_root / "Anno", boxes)
+    dm = _dm(data_celeba_root)
+    fit = dm.build_keypoint_fit_dataset()
+    assert [os.path.basename(r.path) for r in fit.records] == ["000007.jpg", "000016.jpg"]
+    item = fit[1]  # 40x60: landmarks squashed to 28x28, isotropic scale (1, 1.5)
+    expected = torch.tensor(_TRAIN[2][2], dtype=torch.float32) * torch.tensor([28 / 40, 28 / 60])
+    assert torch.allclose(item["keypoints"], expected, atol=1e-5)
+    assert item["isotropic_scale"].tolist() == [1.0, 1.5]
+
+
+def test_kpr_fit_set_absent_warns_and_uses_the_training_list(data_celeba_root):
+    dm = _dm(data_celeba_root)
+    with pytest.warns(UserWarning, match=r"MAFL_training.txt, list_landmarks_unalign_celeba.txt, list_bbox_celeba.txt "
+                                         r"not found in .* fitted on the 4 training images .* not comparable"):
+        fit = dm.build_keypoint_fit_dataset()
+    assert len(fit) == 4
+    # an explicit fitting list needs no MAFL files
+    assert len(_dm(data_celeba_root, fit_list=str(data_celeba_root / "test_lm.txt")).build_keypoint_fit_dataset()) == 2
+
+
+def test_kpr_fit_set_bad_annotation_is_named(data_celeba_root):
+    _write_mafl(data_celeba_root, data_celeba_root, {"000007.jpg": (1, 1, 50, 50)})
+    with open(data_celeba_root / "list_bbox_celeba.txt", "a") as fh:
+        fh.write("000013.jpg 1 2 three 4\n")
+    with pytest.raises(DatasetFormatError, match=r"list_bbox_celeba.txt line 4: expected an image name and 4 numbers"):
+        _dm(data_celeba_root).build_keypoint_fit_dataset()
+    (data_celeba_root / "MAFL_training.txt").write_text("000007.jpg\n000020.jpg\n")
+    (data_celeba_root / "list_bbox_celeba.txt").write_text("1\nimage_id x_1 y_1 width height\n000007.jpg 1 1 50 50\n")
+    with pytest.raises(DatasetFormatError, match=r"list_landmarks_unalign_celeba.txt has no line for 000020.jpg"):
+        _dm(data_celeba_root).build_keypoint_fit_dataset()

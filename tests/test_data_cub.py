@@ -110,7 +110,7 @@ def test_train_batch(data_cub_root):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 28, 28)
-    assert set(batch) == {"image", "index", "path", "label"}
+    assert set(batch) == {"image", "index", "path", "label", "mask_seed"}  # mask_seed: the image's masking seed
 
 
 def test_root_may_be_the_parent_folder(data_cub_root):

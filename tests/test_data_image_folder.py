@@ -105,3 +105,49 @@ def test_unreadable_image_names_path(data_folder):
     dm.setup("predict")
     with pytest.raises(ImageReadError, match=str(bad)):
         dm.predict_dataset[0]
+
+
+def test_reads_every_format_pillow_opens(tmp_path):
+    """TIFF (8 and 16 bit), GIF (first frame), WebP and the rest of Pillow's formats are found and read; files
+    that look like images but that Pillow cannot open are skipped with one warning naming them."""
+    import numpy as np
+    import torch
+
+    from mpae_lightning.data.image_folder import image_extensions
+    from mpae_lightning.data.transforms import eval_transform
+
+    root = tmp_path / "formats"
+    root.mkdir()
+    red, blue = Image.new("RGB", (24, 18), (220, 10, 10)), Image.new("RGB", (24, 18), (10, 10, 220))
+    red.save(root / "rgb.tif")
+    Image.fromarray((np.arange(18 * 24, dtype=np.uint16).reshape(18, 24) * 150)).save(root / "gray16.tiff")
+    red.save(root / "animated.gif", save_all=True, append_images=[blue])  # first frame red, second blue
+    red.save(root / "still.webp")
+    red.save(root / "plain.ppm")
+    (root / "photo.heic").write_bytes(b"not decodable without a plugin")
+    (root / "drawing.svg").write_text("<svg/>")
+    (root / "paper.pdf").write_bytes(b"%PDF-1.4")  # Pillow writes PDFs but cannot read them: ignored
+    (root / "notes.txt").write_text("not an image")
+    assert {".tif", ".tiff", ".gif", ".webp", ".ppm"} <= set(image_extensions()) and ".pdf" not in image_extensions()
+
+    dm = _dm(root)
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) that Pillow cannot open: drawing.svg, photo.heic"):
+        files = dm.files()
+    assert [os.path.basename(p) for p in files] == ["animated.gif", "gray16.tiff", "plain.ppm", "rgb.tif", "still.webp"]
+    dm.setup("predict")
+    items = {os.path.basename(dm.predict_dataset[i]["path"]): dm.predict_dataset[i]["image"] for i in range(len(files))}
+    expected_red = eval_transform(28)(red)
+    for name in ("animated.gif", "rgb.tif", "plain.ppm"):
+        assert torch.allclose(items[name], expected_red, atol=0.05), name  # the GIF's first frame, not the blue one
+    assert items["still.webp"][0].mean() > items["still.webp"][2].mean()  # lossy, but red
+    gray = items["gray16.tiff"] * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    assert torch.allclose(gray[0], gray[2], atol=1e-5)  # gray
+    assert gray[0].min() < 0.05 and gray[0].max() > 0.95  # the 16-bit ramp scaled to 0..255, not clipped to white
+
+
+def test_a_folder_of_only_unopenable_images_names_them(tmp_path):
+    root = tmp_path / "heic"
+    root.mkdir()
+    (root / "a.heic").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"contains no images.*skipped 1 file\(s\) that Pillow cannot open: a.heic"):
+        _dm(root).files()

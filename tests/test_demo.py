@@ -21,10 +21,14 @@ def test_demo_writes_report(tmp_path, capsys):
     # one epoch of training changes the model, so its scores differ from the untrained copy
     assert metrics["trained"] != metrics["untrained"]
     grid = Image.open(out / "parts.png")
-    # image | overlay | part map | ground truth | restored, 128 px tiles with 2 px gaps, under headers
-    # and above a legend (8 test images)
-    assert grid.width == 5 * 128 + 4 * 2 and grid.height > 8 * 128 + 7 * 2 + 40
-    assert (out / "parts_untrained.png").exists()
+    # image | overlay | part map | ground truth | restored, 256 px tiles with 2 px gaps, under a title,
+    # headers and above a legend (8 test images)
+    assert grid.width == 5 * 256 + 4 * 2 and grid.height > 8 * 256 + 7 * 2 + 40
+    # the title names the checkpoint, the epoch and the test score printed in metrics.json
+    nmi = metrics["trained"]["keypoint"]["nmi"]
+    assert grid.text["Title"] == f"MPAE K=4  |  last.ckpt  |  epoch 0  |  test keypoint NMI {nmi:.2f}"
+    untrained = Image.open(out / "parts_untrained.png").text["Title"]
+    assert untrained.startswith("MPAE K=4  |  untrained  |  test keypoint NMI ")
     assert list(out.rglob("events.out.tfevents*")), "TensorBoard log missing"
     assert list(out.rglob("last.ckpt"))
     printed = capsys.readouterr().out

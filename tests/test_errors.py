@@ -4,7 +4,7 @@ Each dependency on another library's message is pinned in setup.cfg and has one 
 an upgrade that changes the text fails a test instead of a user:
 
 * jsonargparse (``>=4.39,<5``): :func:`parse_error_line` turns its nested parse error into a line;
-* torch's DataLoader worker wrapper ("Original Traceback"): :func:`one_line` keeps the worker's message.
+* torch's DataLoader worker wrapper ("Original Traceback"; torch ``>=2.1,<3``): :func:`one_line` keeps the worker's message.
 """
 from __future__ import annotations
 

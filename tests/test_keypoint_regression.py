@@ -7,7 +7,13 @@ import torch
 from sklearn.linear_model import LinearRegression
 from sklearn.preprocessing import StandardScaler
 
-from mpae_lightning.metrics import KeypointRegression, keypoint_frame, keypoint_regression_error, part_centroids
+from mpae_lightning.metrics import (
+    KeypointRegression,
+    isotropic_scale,
+    keypoint_frame,
+    keypoint_regression_error,
+    part_centroids,
+)
 
 
 def _sklearn_kpr(fit, ev) -> float:
@@ -142,8 +148,10 @@ def test_misuse_is_reported():
         KeypointRegression(num_parts=2, num_keypoints=2, normalization="box")
 
 
-def test_callback_reports_kpr_at_test_time(tiny_demo_args):
-    """`mpae test` with the callback: fitted on the training images, scored on the test split."""
+@pytest.mark.parametrize("centroids", ["grid", "eval_map"])
+def test_callback_reports_kpr_at_test_time(tiny_demo_args, centroids):
+    """`mpae test` with the callback: fitted on the training images, scored on the test split, with
+    centroids from the native patch grid (default, as the peers) or from the evaluation map."""
     from lightning.pytorch import Trainer
 
     from mpae_lightning.callbacks import KeypointRegressionEvaluation
@@ -151,8 +159,9 @@ def test_callback_reports_kpr_at_test_time(tiny_demo_args):
 
     cli = MPAECLI(args=tiny_demo_args, run=False)
     module, dm = cli.model, cli.datamodule
+    callback = KeypointRegressionEvaluation(normalization="image", centroids=centroids)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, callbacks=[KeypointRegressionEvaluation(normalization="image")])
+                      enable_checkpointing=False, callbacks=[callback])
     logged = trainer.test(module, datamodule=dm, verbose=False)[0]
 
     module.eval()
@@ -160,8 +169,15 @@ def test_callback_reports_kpr_at_test_time(tiny_demo_args):
     with torch.no_grad():
         for split, dataset in (("fit", dm.build_train_eval_dataset()), ("eval", dm.test_dataset)):
             batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
-            centroids, active = part_centroids(module(batch["image"]), 64)
-            direct[split] = (centroids / 64, active, batch["keypoints"].double() / 64, batch["visible"])
+            grid_side = module.model.grid_size[1]
+            if centroids == "grid":
+                maps = module.model.predict_parts(batch["image"], scale_factor=1)
+                assert maps.shape[-1] == grid_side
+            else:
+                maps = module(batch["image"])
+                assert maps.shape[-1] == round(grid_side * module.model.eval_scale_factor)
+            centroids_xy, active = part_centroids(maps, 64)
+            direct[split] = (centroids_xy / 64, active, batch["keypoints"].double() / 64, batch["visible"])
     expected = keypoint_regression_error(*direct["fit"], *direct["eval"]).item()
     assert abs(logged["test/keypoint_regression_error"] - expected) < 1e-6 * expected
     assert {"test/keypoint_nmi", "test/nmi"} & set(logged)  # the usual scores are still there
@@ -189,3 +205,89 @@ def test_callback_picks_the_papers_normalisation():
     assert auto._normalization(SimpleNamespace(), without) == "image"
     assert auto._normalization(CelebADataModule(root="nowhere"), without) == "interocular"
     assert KeypointRegressionEvaluation("image")._normalization(SimpleNamespace(), with_boxes) == "image"
+
+
+def _pdisconet_celeba_kpr(fit, ev, image_size) -> float:
+    """Re-typed from PDiscoNet's evaluate_celeba.py (create_centers, eval_kpr) and datasets.py
+    (CelebA with evaluate=True), for a model whose map covers the isotropically resized image:
+    landmarks scaled by S / shorter side, centroids = probability-weighted (row, col) map indices
+    times image size / map size, both divided by the inter-ocular distance; one StandardScaler and
+    one LinearRegression without intercept over all five landmarks; mean L2 error x 100."""
+
+    def centers(split):
+        maps = split["maps"][:, :-1]
+        maxes = maps.max(-1)[0].max(-1)[0]
+        active = torch.where(maxes > 0.5, 1, 0).unsqueeze(-1).expand(-1, -1, 2)
+        grid_x, grid_y = torch.meshgrid(torch.arange(maps.shape[2]), torch.arange(maps.shape[3]), indexing="ij")
+        map_sums = maps.sum(3).sum(2)
+        loc_x = (grid_x * maps).sum(3).sum(2) / map_sums  # row index
+        loc_y = (grid_y * maps).sum(3).sum(2) / map_sums  # column index
+        rows, cols = [], []
+        landmarks = []
+        for i, (width, height) in enumerate(split["sizes"]):
+            factor = image_size / min(width, height)  # datasets.py: resize factor of the shorter side
+            h_iso, w_iso = height * factor, width * factor  # the isotropically resized input
+            rows.append(loc_x[i] * h_iso / maps.shape[-2])
+            cols.append(loc_y[i] * w_iso / maps.shape[-1])
+            landmarks.append(split["landmarks"][i] * factor)
+        centers = torch.stack((torch.stack(rows), torch.stack(cols)), dim=-1).reshape(len(rows), -1)
+        annos = torch.stack(landmarks)
+        eye = ((annos[:, 1, 0] - annos[:, 0, 0]) ** 2 + (annos[:, 1, 1] - annos[:, 0, 1]) ** 2).sqrt().unsqueeze(1)
+        return centers / eye, annos.reshape(len(rows), -1) / eye, active.reshape(len(rows), -1)
+
+    fit_centers, fit_annos, fit_active = (t.numpy().astype(np.float64) for t in centers(fit))
+    eval_centers, eval_annos, eval_active = (t.numpy().astype(np.float64) for t in centers(ev))
+    scaler_centers, scaler_landmarks = StandardScaler().fit(fit_centers), StandardScaler().fit(fit_annos)
+    fit_centers_std = np.where(fit_active, scaler_centers.transform(fit_centers), 0)
+    regressor = LinearRegression(fit_intercept=False).fit(fit_centers_std, scaler_landmarks.transform(fit_annos))
+    eval_centers_std = np.where(eval_active, scaler_centers.transform(eval_centers), 0)
+    eval_pred = scaler_landmarks.inverse_transform(regressor.predict(eval_centers_std)).reshape(len(eval_annos), 5, 2)
+    diff_sq = (eval_pred - eval_annos.reshape(len(eval_annos), 5, 2)) ** 2
+    return float(np.mean(np.sqrt(np.sum(diff_sq, axis=2))) * 100)
+
+
+def _celeba_split(n, parts, seed, grid=8):
+    """Non-square originals (W, H), five landmarks in original pixels, patch-grid part maps."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(int(w), int(h)) for w, h in torch.randint(120, 400, (n, 2), generator=g).tolist()]
+    rel = torch.rand(n, parts, 2, generator=g, dtype=torch.float64)  # part positions, relative to the image
+    probs = _probs_from_centroids(rel * (grid - 1), grid).float()
+    probs[: n // 5, 2] *= 0.4  # part 2 never above 0.5 in a fifth of the images
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    weights = torch.randn(parts * 2, 10, generator=g, dtype=torch.float64)
+    landmarks = (rel.reshape(n, -1) @ weights * 0.2).reshape(n, 5, 2) + 0.02 * torch.randn(n, 5, 2, generator=g,
+                                                                                         dtype=torch.float64)
+    landmarks[:, 1, 0] += 0.3  # eyes apart
+    landmarks = landmarks.clamp(0, 1) * torch.tensor(sizes, dtype=torch.float64)[:, None, :]  # original pixels
+    return {"maps": probs, "sizes": sizes, "landmarks": landmarks}
+
+
+def test_celeba_kpr_in_isotropic_coordinates_matches_pdisconet():
+    image_size, parts = 64, 4
+    fit, ev = _celeba_split(60, parts, seed=11), _celeba_split(25, parts, seed=12)
+    expected = _pdisconet_celeba_kpr(fit, ev, image_size)
+
+    def batches(split):
+        sizes = torch.tensor(split["sizes"], dtype=torch.float64)  # (W, H)
+        squashed = split["landmarks"] * image_size / sizes[:, None, :]  # keypoints of the S x S input
+        scale = torch.stack([isotropic_scale(w, h) for w, h in split["sizes"]])
+        for i in range(0, len(sizes), 7):
+            s = slice(i, i + 7)
+            yield split["maps"][s], squashed[s].float(), scale[s]
+
+    metric = KeypointRegression(num_parts=parts, num_keypoints=5, normalization="interocular")
+    for probs, kp, scale in batches(fit):
+        metric.update(probs, kp, None, image_size, split="fit", coordinate_scale=scale)
+    metric.fit()
+    for probs, kp, scale in batches(ev):
+        metric.update(probs, kp, None, image_size, coordinate_scale=scale)
+    assert abs(metric.compute().item() - expected) < 1e-5
+    # in the squashed S x S frame the vertical error is weighted by W/H: another number
+    squashed = KeypointRegression(num_parts=parts, num_keypoints=5, normalization="interocular")
+    for split, data in (("fit", fit), ("eval", ev)):
+        if split == "eval":
+            squashed.fit()
+        for probs, kp, _ in batches(data):
+            squashed.update(probs, kp, None, image_size, split=split)
+    assert abs(squashed.compute().item() - expected) > 1e-3
+    assert torch.equal(isotropic_scale(300, 200), torch.tensor([1.5, 1.0], dtype=torch.float64))

@@ -21,7 +21,7 @@ from mpae_lightning.models import WeightsUnavailableError
 PYTHON_ONLY = {"vgg_features", "backbone_module"}
 #: The module's own settings (optimiser, initial weights, checkpoints, compilation).
 OWN_SETTINGS = {"lr", "weight_decay", "milestones", "gamma", "gradient_clip_val", "weights", "frozen_weights_in_checkpoint",
-                "compile"}
+                "compile", "predict_precision"}
 #: A torchvision VGG source is only read on first use: modules that never compute the loss build fast and offline.
 LAZY_VGG = {**TINY_MODULE, "vgg_weights": "torchvision"}
 VGG_PREFIX = FROZEN_PARTS["vgg"][0]
@@ -361,6 +361,37 @@ def test_module_tests_and_predicts_offline_but_fit_fails_fast(no_vgg_download, t
         trainer.fit(module, datamodule=data)
     assert len(no_vgg_download) == 1
     assert module.global_step == 0  # failed in setup, before any batch
+
+
+def test_predict_precision_applies_to_prediction_only(tmp_path):
+    """predict_precision="bf16" runs predict_step's descriptor ViT in bf16; test and forward stay float32."""
+    torch.manual_seed(0)
+    module = MPAEModule(**LAZY_VGG, predict_precision="bf16")
+    reference = MPAEModule(**LAZY_VGG)
+    reference.load_state_dict(module.state_dict())
+    seen: list[torch.dtype] = []
+    trainer = _trainer(tmp_path)
+    fc1 = module.model.descriptor_vit.blocks[0].mlp.fc1  # its first matrix product
+    fc1.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    data = _data()
+    scores = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert set(seen) == {torch.float32}, "test scores are always float32"
+    assert scores == trainer.test(reference, datamodule=data, verbose=False)[0]
+    seen.clear()
+    fast = trainer.predict(module, datamodule=data)
+    assert seen and set(seen) == {torch.bfloat16}
+    exact = trainer.predict(reference, datamodule=data)
+    assert fast[0]["labels"].shape == exact[0]["labels"].shape == (4, 128, 128)
+    agreement = (fast[0]["labels"] == exact[0]["labels"]).float().mean()
+    assert agreement >= 0.9  # deterministic on the CPU: fixed seed, weights and images
+    seen.clear()
+    module.eval()
+    with torch.no_grad():
+        module(torch.zeros(1, 3, 56, 56))
+    assert seen == [torch.float32], "forward() is the float32 map"
+    assert module.hparams.predict_precision == "bf16" and reference.predict_dtype is None
+    with pytest.raises(ValueError, match="predict_precision must be one of '32', 'bf16', got 'fp8'"):
+        MPAEModule(**LAZY_VGG, predict_precision="fp8")
 
 
 # --------------------------------------------------------------------------- gradient clipping

@@ -23,6 +23,7 @@ from mpae_lightning.metrics import (
     nmi_from_contingency,
     part_ari,
     part_nmi,
+    upsampled_foreground,
 )
 
 TOL = 1e-9
@@ -302,6 +303,71 @@ def test_mask_part_labels_resolutions():
     assert same["pred"].numel() == 2 * 16
 
 
+def _pdiscoformer_fg_bg_iou(grid_maps, masks, num_parts, ignore_index=None):
+    """Re-typed from PDiscoFormer's engine/eval_fg_bg.py (FgBgIoU.calculate_iou): per batch, the
+    assignment map upsampled bilinearly (align_corners=True) to the mask size, argmax, any part ->
+    1 and the background channel -> 0; BinaryJaccardIndex on it and on its inverse, accumulated
+    over the batches."""
+    from torchmetrics.classification import BinaryJaccardIndex
+
+    metric_fg, metric_bg = BinaryJaccardIndex(ignore_index=ignore_index), BinaryJaccardIndex(ignore_index=ignore_index)
+    for assign, mask in zip(grid_maps, masks):
+        map_argmax = torch.nn.functional.interpolate(assign, size=(mask.shape[-2], mask.shape[-1]),
+                                                     mode="bilinear", align_corners=True).argmax(dim=1)
+        map_argmax[map_argmax != num_parts] = 1
+        map_argmax[map_argmax == num_parts] = 0
+        mask = mask.float()
+        map_argmax = map_argmax.float()
+        inv_mask = torch.where(mask == ignore_index, mask, 1 - mask) if ignore_index is not None else 1 - mask
+        metric_fg(map_argmax, mask)
+        metric_bg(1 - map_argmax, inv_mask)
+    return metric_fg.compute().item(), metric_bg.compute().item()
+
+
+@pytest.mark.parametrize("ignore_index", [None, 255])
+def test_foreground_iou_as_pdiscoformer_computes_it(ignore_index):
+    """Default fg/bg IoU: the patch-grid map upsampled to the mask size (not the evaluation map)."""
+    g = torch.Generator().manual_seed(7)
+    k, labels = 4, 6  # K=4 parts + background; mask labels 0..4 parts, 5 background
+    metric = MaskPartMetrics(num_mask_labels=labels, num_parts=k, ignore_index=ignore_index)
+    grids, binary_masks = [], []
+    for _ in range(3):
+        grid = torch.softmax(3 * torch.randn(5, k + 1, 7, 7, generator=g), dim=1)
+        eval_map = torch.softmax(torch.randn(5, k + 1, 16, 16, generator=g), dim=1)  # not used by the IoU
+        mask = torch.randint(0, labels, (5, 20, 22), generator=g)
+        mask[:, :6][torch.rand(5, 6, 22, generator=g) < 0.7] = labels - 1  # more background on top
+        binary = (mask != labels - 1).long()
+        if ignore_index is not None:
+            mask[:, -2:] = ignore_index
+            binary[:, -2:] = ignore_index
+        metric.update(eval_map, mask, grid)
+        grids.append(grid)
+        binary_masks.append(binary)
+    fg, bg = _pdiscoformer_fg_bg_iou(grids, binary_masks, k, ignore_index)
+    out = metric.compute()
+    assert abs(out["fg_iou"].item() / 100 - fg) < 1e-5 and abs(out["bg_iou"].item() / 100 - bg) < 1e-5
+    assert 0.05 < fg < 0.95 and 0.05 < bg < 0.95  # neither protocol detail is trivially satisfied
+    # the evaluation-map protocol gives another value on the same data (kept for MPAE's own pixels)
+    at_map = MaskPartMetrics(num_mask_labels=labels, num_parts=k, fg_iou_protocol="eval_map")
+    at_map.update(grids[0], torch.randint(0, labels - 1, (5, 20, 22), generator=g))
+    assert at_map.compute()["fg_iou"].item() != out["fg_iou"].item()
+
+
+def test_upsampled_foreground_uses_align_corners():
+    probs = torch.zeros(1, 3, 2, 2)
+    probs[0, 2] = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # background at the top-left corner only
+    probs[0, 0] = torch.tensor([[0.0, 2.5], [2.5, 2.5]])
+    fg = upsampled_foreground(probs, (4, 4))
+    # align_corners=True: output pixel 1 sits 1/3 of the way to the next map cell (background
+    # 2/3 < part 2.5/3), so only the corner pixel is background; with align_corners=False it
+    # would sit 1/4 of the way (background 3/4 > part 2.5/4) and three pixels would be.
+    expected = torch.ones(1, 4, 4, dtype=torch.bool)
+    expected[0, 0, 0] = False
+    assert torch.equal(fg, expected)
+    with pytest.raises(ValueError, match="fg_iou_protocol"):
+        MaskPartMetrics(3, 2, fg_iou_protocol="pdiscoformer")
+
+
 def test_part_count_on_hand_made_maps():
     labels = torch.full((3, 4, 4), 4)  # K=4 foreground parts + background (channel 4)
     labels[0, 0, 0], labels[0, 3, 3] = 0, 2  # parts {0, 2}
@@ -346,7 +412,8 @@ def test_keypoint_part_metrics_match_sklearn():
 
 def test_mask_part_metrics_match_sklearn():
     g = torch.Generator().manual_seed(1)
-    metric = MaskPartMetrics(num_mask_labels=6, num_parts=4, ignore_index=255)  # maps of K+1=5 channels
+    # maps of K+1=5 channels; foreground IoU on the pixels NMI/ARI are computed on
+    metric = MaskPartMetrics(num_mask_labels=6, num_parts=4, ignore_index=255, fg_iou_protocol="eval_map")
     preds, targets = [], []
     for _ in range(3):
         mask = torch.randint(0, 6, (4, 32, 32), generator=g)

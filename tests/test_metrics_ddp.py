@@ -123,7 +123,10 @@ def _expected() -> dict[str, float]:
     px = mask_part_labels(data["probs"], data["mask"])
     keep = px["target"] != 255
     mask_nmi, mask_ari = scores(px["pred"][keep], px["target"][keep])
-    pred_fg, true_fg = px["pred"][keep] != NUM_PARTS, px["target"][keep] != NUM_MASK_LABELS - 1  # background last
+    # foreground IoU as PDiscoFormer: the map upsampled bilinearly (align_corners=True) to the mask, argmax
+    up = torch.nn.functional.interpolate(data["probs"], size=(32, 32), mode="bilinear", align_corners=True)
+    in_mask = data["mask"] != 255
+    pred_fg, true_fg = up.argmax(1)[in_mask] != NUM_PARTS, data["mask"][in_mask] != NUM_MASK_LABELS - 1
     fg_iou = jaccard_score(true_fg.numpy(), pred_fg.numpy())
     bg_iou = jaccard_score((~true_fg).numpy(), (~pred_fg).numpy())
     count = count_foreground_parts(data["probs"]).double().mean().item()

@@ -227,6 +227,46 @@ def test_evaluation_map_is_float32_under_bf16_autocast(tiny, images):
     assert (bf16_backbone.argmax(dim=1) == reference.argmax(dim=1)).float().mean() >= 0.98
 
 
+def _float32_map_as_before(model: MPAE, images: torch.Tensor) -> torch.Tensor:
+    """The evaluation map exactly as predict_parts computed it before the dtype option existed."""
+    tokens = model.backbone(images)
+    descriptors = model.descriptor_vit(images)
+    local = (tokens @ model.feature_proj.weight.flatten(1).t()).transpose(1, 2).unflatten(2, model.grid_size)
+    return model.part_probabilities(torch.einsum("bkc,bchw->bkhw", descriptors, local))
+
+
+def test_predict_parts_dtype_option_is_opt_in_and_runs_in_bf16(tiny, images):
+    """float32 stays the default bit for bit; dtype=bf16 runs the ViTs, F and the logits in bf16."""
+    model = tiny.eval()
+    seen: dict[str, torch.dtype] = {}
+    # The first matrix product of each ViT (their final LayerNorms return float32 under CPU autocast).
+    hooks = [model.descriptor_vit.blocks[0].mlp.fc1.register_forward_hook(
+                 lambda m, a, out: seen.__setitem__("descriptors", out.dtype)),
+             model.backbone.vit.blocks[0].mlp.fc1.register_forward_hook(
+                 lambda m, a, out: seen.__setitem__("backbone", out.dtype))]
+    try:
+        with torch.no_grad():
+            before = _float32_map_as_before(model, images)
+            default = model.predict_parts(images)
+            assert seen == {"descriptors": torch.float32, "backbone": torch.float32}
+            assert torch.equal(default, before)
+            assert torch.equal(model.predict_parts(images, dtype=torch.float32), before)
+            fast = model.predict_parts(images, dtype=torch.bfloat16)
+            assert seen == {"descriptors": torch.bfloat16, "backbone": torch.bfloat16}
+            logits = model.encode_parts(images, dtype=torch.bfloat16).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert logits.dtype == torch.bfloat16
+    assert fast.dtype == torch.float32 and fast.shape == default.shape == (3, 4, 128, 128)
+    assert torch.allclose(fast.sum(dim=1), torch.ones(3, 128, 128), atol=1e-5)
+    assert not torch.equal(fast, default)  # really another computation ...
+    # ... that labels almost every pixel alike (deterministic on the CPU: fixed weights and inputs)
+    assert (fast.argmax(dim=1) == default.argmax(dim=1)).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="dtype must be"):
+        model.predict_parts(images, dtype=torch.int8)
+
+
 def test_training_logits_are_float32_under_bf16_autocast(tiny, images):
     model = tiny.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

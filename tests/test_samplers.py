@@ -102,12 +102,66 @@ def test_group_by_pads_without_drop_last():
             assert len({labels[i] for i in b[chunk : chunk + 2]}) == 1
 
 
-def test_no_drop_last_pads_to_full_batches_on_every_rank():
-    per_rank = _rank_batches(50, 3, batch_size=8, mini_group=4, drop_last=False, seed=0)
+def test_without_drop_last_one_process_keeps_the_smaller_last_batch():
+    # As the authors' DataLoader (drop_last=False): 50 images in batches of 8 are 6 of 8 and one of 2.
+    batches = list(MiniGroupBatchSampler(50, batch_size=8, mini_group=4, drop_last=False, seed=0))
+    assert [len(b) for b in batches] == [8] * 6 + [2]
+    assert sorted(i for b in batches for i in b) == list(range(50))
+
+
+def test_without_drop_last_ranks_split_the_rest_evenly_and_leave_out_fewer_than_world():
+    # 3 ranks of 8: 55 = 2 global batches of 24 + 7; each rank takes 2 of the 7, one is left out.
+    per_rank = _rank_batches(55, 3, batch_size=8, mini_group=4, drop_last=False, seed=0)
+    assert [[len(b) for b in batches] for batches in per_rank] == [[8, 8, 2]] * 3
     flat = [i for batches in per_rank for b in batches for i in b]
-    assert set(flat) == set(range(50))
+    assert len(flat) == len(set(flat)) == 54
+    single = list(MiniGroupBatchSampler(55, batch_size=24, mini_group=4, drop_last=False, seed=0))
+    assert single[-1][:6] == [i for batches in per_rank for i in batches[-1]]  # the same rest, minus its tail
+    # fewer images left than ranks: no last batch (every rank must run the same number of steps)
+    per_rank = _rank_batches(50, 3, batch_size=8, mini_group=4, drop_last=False, seed=0)
+    assert [len(batches) for batches in per_rank] == [2, 2, 2]
     assert all(len(b) == 8 for batches in per_rank for b in batches)
-    assert len({len(b) for b in per_rank}) == 1
+    assert len(MiniGroupBatchSampler(50, 8, 4, drop_last=False, num_replicas=3, rank=2)) == 2
+
+
+@pytest.mark.parametrize("world, mini_group", [(2, 16), (4, 8), (2, 4), (4, 64)])
+def test_ranks_slice_the_one_process_batch_with_the_same_image_seeds(world, mini_group):
+    # A global batch of 16 on 1 process or on `world` processes: the same images, in the same
+    # places, with the same augmentation and masking seeds; mini-groups may span processes.
+    kw = dict(mini_group=mini_group, seed=5, drop_last=False, shuffle=True)
+    single = MiniGroupBatchSampler(72, batch_size=16, **kw)  # 4 x 16 + a last batch of 8
+    single.set_epoch(2)
+    ref = list(single)
+    per_rank = _rank_batches(72, world, epoch=2, batch_size=16 // world, **kw)
+    assert [len(batches) for batches in per_rank] == [len(ref)] * world
+    for step, whole in enumerate(ref):
+        slices = [batches[step] for batches in per_rank]
+        assert [i for b in slices for i in b] == list(whole)
+        assert [s for b in slices for s in b.augment_seeds] == whole.augment_seeds
+        assert [s for b in slices for s in b.mask_seeds] == whole.mask_seeds
+        assert len(set(whole.mask_seeds) | set(whole.augment_seeds)) == 2 * len(whole)
+    # another epoch, other seeds
+    single.set_epoch(3)
+    assert next(iter(single)).mask_seeds != ref[0].mask_seeds
+
+
+def test_seeded_batches_augment_each_image_from_its_own_seed():
+    from mpae_lightning.data.resumable import SeededBatchDataset
+
+    class Noisy(Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {"image": torch.rand(3), "index": i}
+
+    single = MiniGroupBatchSampler(32, batch_size=8, mini_group=8, seed=1)
+    halves = [MiniGroupBatchSampler(32, batch_size=4, mini_group=8, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
+    data = SeededBatchDataset(Noisy())
+    whole = data.__getitems__(next(iter(single)))
+    split = [item for s in halves for item in data.__getitems__(next(iter(s)))]
+    assert torch.equal(torch.stack([x["image"] for x in whole]), torch.stack([x["image"] for x in split]))
+    assert [x["mask_seed"] for x in whole] == [x["mask_seed"] for x in split]
 
 
 def test_errors():
@@ -119,6 +173,9 @@ def test_errors():
         MiniGroupBatchSampler(10, batch_size=8, mini_group=8, num_replicas=2, rank=0)
     with pytest.raises(ValueError, match="rank"):
         MiniGroupBatchSampler(100, batch_size=8, mini_group=8, num_replicas=2, rank=2)
+    # the global batch (8 x 4 = 32) is cut by mini_group: 24 would leave an uneven group
+    with pytest.raises(ValueError, match=r"batch_size \(8 x 4 processes = 32 images per step\) must be a multiple"):
+        MiniGroupBatchSampler(100, batch_size=8, mini_group=24, num_replicas=4, rank=0)
 
 
 class _Range(Dataset):

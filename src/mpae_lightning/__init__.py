@@ -18,6 +18,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
         PartImageNetDataModule,
         SyntheticPartsDataModule,
     )
+    from .inference import PartMaps, predict_images
     from .lightning_module import MPAEModule
     from .losses import MPAELoss
     from .metrics import KeypointPartMetrics, MaskPartMetrics, PartARI, PartNMI
@@ -32,6 +33,8 @@ _EXPORTS = {
     "PartImageNetDataModule": ".data",
     "SyntheticPartsDataModule": ".data",
     "MPAEModule": ".lightning_module",
+    "PartMaps": ".inference",
+    "predict_images": ".inference",
     "MPAELoss": ".losses",
     "KeypointPartMetrics": ".metrics",
     "MaskPartMetrics": ".metrics",
@@ -57,9 +60,11 @@ __all__ = [
     "MiniGroupBatchSampler",
     "PartARI",
     "PartImageNetDataModule",
+    "PartMaps",
     "PartNMI",
     "SyntheticPartsDataModule",
     "load_official_checkpoint",
+    "predict_images",
 ]
 
 

@@ -48,6 +48,7 @@ from .runs import (
     preflight,
     read_config_file,
     resolve_checkpoint,
+    run_folder_of,
     section_settings,
     use_run_folder,
     write_test_scores,
@@ -146,8 +147,10 @@ class MPAECLI(LightningCLI):
             "formatter_class": HelpFormatter,
             **kwargs.pop("parser_kwargs", {}),
         }
-        for name, help_text in COMMANDS.items():  # each command's --help starts with our words
-            parser_kwargs[name] = {"description": f"mpae {name}: {help_text}.", **parser_kwargs.get(name, {})}
+        epilog = model_settings_help()
+        for name, help_text in COMMANDS.items():  # each command's --help starts with our words, ends with MPAE's settings
+            parser_kwargs[name] = {"description": f"mpae {name}: {help_text}.", "epilog": epilog,
+                                   "formatter_class": HelpFormatter, **parser_kwargs.get(name, {})}
         kwargs.setdefault("auto_configure_optimizers", False)
         raw = kwargs.get("args")  # the command line, for telling given settings from defaults
         self._raw_args = [str(a) for a in (sys.argv[1:] if raw is None else raw)] if not isinstance(raw, dict) else []
@@ -174,6 +177,11 @@ class MPAECLI(LightningCLI):
             "--untrained", type=bool, default=False,
             help="predict with the model's initial weights (random, or --model.init_args.weights); without it, "
                  "predict needs trained weights: --ckpt_path FILE, --ckpt_path last or --model.init_args.weights FILE",
+        )
+        parser.add_argument(
+            "--out", type=Optional[str], default=None,
+            help="predict: the folder for the part maps (default: <run>/predictions of the --ckpt_path run, else "
+                 "./predictions); the same as --prediction_writer.output_dir",
         )
         parser.add_lightning_class_args(PartPredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(PartVisualization, "visualization")
@@ -311,6 +319,7 @@ class MPAECLI(LightningCLI):
                 config["model"]["init_args"][FROZEN_PARTS["backbone"][1]] = "random"
         if self.subcommand:
             use_run_folder(config, self.subcommand, self.save_config_kwargs, self._raw_args)
+            self._use_out(config)
             if self.subcommand != "fit":
                 no_default_hp_metric(config)
             preflight(config, self.subcommand)
@@ -321,6 +330,23 @@ class MPAECLI(LightningCLI):
                 "predict needs trained weights: pass --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last, "
                 "or --model.init_args.weights FILE); --untrained true predicts with the initial, untrained weights"
             )
+
+    def _use_out(self, config: Any) -> None:
+        """``--out DIR``: where predict writes (the writer's ``output_dir``); refused elsewhere or when it
+        contradicts ``--prediction_writer.output_dir``."""
+        out = config.get("out")
+        if not out:
+            return
+        if self.subcommand != "predict":
+            raise ConfigError(f"--out {out} is an option of mpae predict (where the part maps go); "
+                              f"mpae {self.subcommand} writes into its run folder: drop --out")
+        writer = config.get("prediction_writer")
+        given = any(a.startswith("--prediction_writer.output_dir") for a in self._raw_args)
+        if given and writer is not None and str(writer.get("output_dir")) != str(out):
+            raise ConfigError(f"--out {out} and --prediction_writer.output_dir {writer.get('output_dir')} disagree: "
+                              "pass one of them")
+        if writer is not None:
+            writer["output_dir"] = str(out)
 
     def after_instantiate_classes(self) -> None:
         if self._checkpoint is not None:
@@ -343,7 +369,10 @@ class MPAECLI(LightningCLI):
         if self._start_epoch is not None:
             trained = f"trained to epoch {epochs} (resumed from {self._ckpt_path()})"
         where = f"checkpoint {ckpt}" if ckpt else "no checkpoint written (no ModelCheckpoint callback)"
-        self._say(f"{trained}; run folder {self.trainer.log_dir}; {where}")
+        # The checkpoint's run folder when there is one: under ddp_spawn this (main) process's logger
+        # never ran and would name a new, empty version folder.
+        run = run_folder_of(ckpt) if ckpt else None
+        self._say(f"{trained}; run folder {run.path if run is not None else self.trainer.log_dir}; {where}")
 
     def after_validate(self) -> None:
         """``mpae: validation scores logged in <run>``."""
@@ -470,6 +499,7 @@ def _init_names(cls: type) -> set[str] | None:
 #: sentence of the module's docstring, read without importing the module.
 EXTRA_COMMANDS = {
     "check-data": "mpae_lightning.check_data:check_data_main",
+    "parts": "mpae_lightning.parts:parts_main",
     "export": "mpae_lightning.export:export_main",
     "convert": "mpae_lightning.convert:convert_main",
 }
@@ -499,6 +529,26 @@ def _command_help(entry: str | tuple[str, str]) -> str:
     if first.startswith("``") and "``: " in first:  # "``mpae check-data``: read ..." -> "read ..."
         first = first.split("``: ", 1)[1]
     return first.split(". ", 1)[0].rstrip(".")
+
+
+def model_settings_help(width: int = 88) -> str:
+    """The end of each command's ``--help``: every :class:`MPAEModule` setting with its default.
+
+    (In subclass mode LightningCLI's help shows ``--model`` only; ``--model.help MPAEModule``
+    describes each setting.)
+    """
+    params = [p for name, p in inspect.signature(MPAEModule.__init__).parameters.items() if name != "self"]
+    entries = [f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params]
+    lines, line = [], " "
+    for entry in entries:
+        if len(line) + len(entry) + 2 > width:
+            lines.append(line.rstrip(","))
+            line = " "
+        line += f" {entry},"
+    lines.append(line.rstrip(","))
+    return ("MPAE's settings and defaults (--model.init_args.NAME VALUE, or the model section of a config;\n"
+            "`--model.help MPAEModule` describes each, `--data.help CUBDataModule` a DataModule's):\n"
+            + "\n".join(lines))
 
 
 def command_list() -> str:

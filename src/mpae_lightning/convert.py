@@ -38,6 +38,7 @@ from .pretrained import (
     official_dataset,
     read_test_scores,
     scores_beside_checkpoint,
+    setting_names,
 )
 
 __all__ = ["convert", "convert_main"]
@@ -46,7 +47,7 @@ __all__ = ["convert", "convert_main"]
 def _read_source(path: Path) -> tuple[str, Mapping[str, Any]]:
     """``("ckpt", checkpoint)`` or ``("official", state dict)``; anything else is refused in one line."""
     from .models import is_official_state_dict
-    from .models.weights import load_state_dict_file, unreadable_reason
+    from .models.weights import load_state_dict_file, load_tensor_file, unreadable_reason
 
     if not path.exists():
         raise FileNotFoundError(
@@ -61,12 +62,7 @@ def _read_source(path: Path) -> tuple[str, Mapping[str, Any]]:
         raw: Any = state
     else:
         try:
-            try:
-                raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):
-                    raise
-                raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = load_tensor_file(path)
         except Exception as err:  # noqa: BLE001 - any failure to read means a bad file
             raise CheckpointError(f"cannot read {path} ({unreadable_reason(err)}); pass an authors' .pth or a .ckpt "
                                   "written by `mpae fit`") from None
@@ -131,7 +127,7 @@ def _from_official(path: Path, state: Mapping[str, Any], settings: dict[str, Any
     from .lightning_module import MPAEModule
     from .models import official_config
 
-    names = {n for n in MPAEModule._hub_mixin_init_parameters if n not in ("self", "config")}
+    names = set(setting_names(MPAEModule))
     unknown = sorted(set(settings) - names)
     if unknown:
         raise ConfigError(f"--config: MPAEModule takes no setting {unknown[0]} (model section); fix or drop it")
@@ -158,7 +154,7 @@ def _from_checkpoint(path: Path, checkpoint: Mapping[str, Any], backbone_weights
 
     # LightningCLI records how it built the module (``_class_path``, ``_instantiator``): not settings.
     hp = {k: v for k, v in dict(checkpoint.get("hyper_parameters") or {}).items() if not str(k).startswith("_")}
-    names = {n for n in MPAEModule._hub_mixin_init_parameters if n not in ("self", "config")}
+    names = set(setting_names(MPAEModule))
     unknown = sorted(set(hp) - names)
     if unknown:
         raise CheckpointError(f"{path} has settings MPAEModule does not take: {unknown[:5]}; convert it with the "

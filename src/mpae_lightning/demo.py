@@ -21,12 +21,11 @@ from lightning.pytorch import Trainer
 
 from .baselines import KMeansParts
 from .callbacks import PartVisualization
-from .cli import MPAECLI
-from .errors import run_cleanly, split_debug
-from .errors import Interrupted
+from .cli import MPAECLI, quiet_lightning
+from .errors import Interrupted, run_cleanly, split_debug
 from .lightning_module import MPAEModule
 from .metrics import KeypointPartMetrics, MaskPartMetrics
-from .visualize import save_grid
+from .visualize import picture_title, save_grid
 
 
 def _split_scores(logged: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -69,10 +68,15 @@ def evaluate_kmeans(module: MPAEModule, datamodule: Any, max_fit_images: int = 2
     }
 
 
-def write_grid(module: MPAEModule, datamodule: Any, path: Path, num_images: int = 8) -> None:
-    """The validation picture of the first test images, written to ``path``."""
+def write_grid(module: MPAEModule, datamodule: Any, path: Path, num_images: int = 8, title: str | None = None) -> None:
+    """The validation picture of the first test images, written to ``path`` under ``title``."""
     batch = next(iter(datamodule.test_dataloader()))
-    save_grid(path, PartVisualization(num_images=num_images).render(module, batch, datamodule))
+    grid = PartVisualization(num_images=num_images).render(module, batch, datamodule, title=title)
+    save_grid(path, grid, title=title)
+
+
+def _title(model: str, module: MPAEModule, scores: dict[str, Any], epoch: int | None = None) -> str:
+    return picture_title(model, epoch, ("test keypoint NMI", scores["keypoint"]["nmi"]), module.model.num_parts)
 
 
 def run_demo(config: str, out: str, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -95,7 +99,7 @@ def run_demo(config: str, out: str, overrides: list[str] | None = None) -> dict[
     print("[demo] evaluating the untrained model and the k-means baseline ...", flush=True)
     t = time.time()
     untrained = evaluate(copy.deepcopy(module), datamodule)
-    write_grid(module, datamodule, out_dir / "parts_untrained.png")
+    write_grid(module, datamodule, out_dir / "parts_untrained.png", title=_title("untrained", module, untrained))
     t = phase("untrained_eval", t)
     kmeans = evaluate_kmeans(module, datamodule)
     t = phase("kmeans", t)
@@ -104,7 +108,11 @@ def run_demo(config: str, out: str, overrides: list[str] | None = None) -> dict[
     trainer.fit(module, datamodule=datamodule)
     t = phase("training", t)
     trained = evaluate(module, datamodule)
-    write_grid(module, datamodule, out_dir / "parts.png")
+    callback = trainer.checkpoint_callback
+    checkpoint = (callback.last_model_path or callback.best_model_path) if callback else ""
+    name = Path(checkpoint).name if checkpoint else "trained"
+    write_grid(module, datamodule, out_dir / "parts.png",
+               title=_title(name, module, trained, epoch=max(trainer.current_epoch - 1, 0)))
     phase("trained_eval", t)
 
     metrics = {
@@ -139,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
         return f"demo: stopped by {name}{at}{saved}; run the demo again to start over"
 
     # Settings errors as one line and a signal as a clean stop, as the mpae commands end.
-    run_cleanly(lambda: metrics.update(run_demo(ns.config, ns.out, overrides)), overrides, debug, stopped)
+    def demo() -> None:
+        with quiet_lightning():  # no Lightning tips or library-internal warnings, as in the mpae commands
+            metrics.update(run_demo(ns.config, ns.out, overrides))
+
+    run_cleanly(demo, overrides, debug, stopped)
     row = lambda name: (f"  {name:<10} keypoint NMI {metrics[name]['keypoint']['nmi']:6.2f}  ARI "  # noqa: E731
                         f"{metrics[name]['keypoint']['ari']:6.2f} | mask NMI {metrics[name]['mask']['nmi']:6.2f}  "
                         f"ARI {metrics[name]['mask']['ari']:6.2f}")

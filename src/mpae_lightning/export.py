@@ -239,7 +239,7 @@ def export_parts_predictor(
 
 
 # ------------------------------------------------------------------------------- the command
-def _untrained_module(config: str | None, backbone_weights: str | None = None) -> Any:
+def untrained_module(config: str | None, backbone_weights: str | None = None) -> Any:
     """An ``MPAEModule`` with its initial weights, from the model (and data image size) of a config file."""
     from .lightning_module import LINKED_FROM_DATA, MPAEModule
     from .runs import import_class, read_config_file, section_settings
@@ -329,7 +329,7 @@ def export_main(argv: list[str]) -> int:
         module = MPAEModule.load_from_checkpoint(os.path.expanduser(cfg.ckpt_path), map_location="cpu", **kwargs)
         source = cfg.ckpt_path
     elif cfg.untrained:
-        module = _untrained_module(cfg.config, cfg.backbone_weights)
+        module = untrained_module(cfg.config, cfg.backbone_weights)
         source = "initial (untrained) weights" + (f" of {cfg.config}" if cfg.config else "")
     else:
         raise ConfigError("mpae export needs trained weights: pass --ckpt_path FILE (a .ckpt written by "

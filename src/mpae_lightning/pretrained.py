@@ -20,6 +20,8 @@ folder can run code; any other file in it is ignored.
 """
 from __future__ import annotations
 
+import inspect
+
 import json
 import os
 import re
@@ -260,13 +262,23 @@ def _hub_error(source: str, err: BaseException) -> WeightsUnavailableError:
 
 
 # --------------------------------------------------------------------------------- the mixin
-class PretrainedMixin(
-    ModelHubMixin,
-    library_name="mpae-lightning",
-    license="mit",
-    pipeline_tag="image-segmentation",
-    tags=["mpae", "part-discovery", "unsupervised", "pytorch", "pytorch-lightning"],
-):
+#: The model card's metadata (the mixin's class arguments, and the card ``save_pretrained`` writes).
+CARD_DATA: dict[str, Any] = {
+    "library_name": "mpae-lightning",
+    "license": "mit",
+    "pipeline_tag": "image-segmentation",
+    "tags": ["mpae", "part-discovery", "unsupervised", "pytorch", "pytorch-lightning"],
+}
+
+
+def setting_names(cls: type) -> list[str]:
+    """The constructor settings of ``cls`` (what ``config.json`` holds), in signature order."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name not in ("self", "config")]
+
+
+class PretrainedMixin(ModelHubMixin, **CARD_DATA):
     """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for :class:`~mpae_lightning.MPAEModule`.
 
     Why a mixin of huggingface_hub's: the folder is the Hub's (safetensors, config.json, model
@@ -317,7 +329,7 @@ class PretrainedMixin(
         """The ``config.json`` of this module: every setting, the backbone's source, the format marker."""
         from . import __version__
 
-        names = [n for n in self._hub_mixin_init_parameters if n not in ("self", "config")]
+        names = setting_names(type(self))
         missing = [n for n in names if n not in self.hparams]
         if missing:
             raise ConfigError(f"{type(self).__name__} lacks the settings {missing} in its hparams; cannot write {CONFIG_NAME}")
@@ -417,7 +429,7 @@ class PretrainedMixin(
                   "The method and the released checkpoints are the authors' "
                   "([github.com/Jiahao-UTS/MPAE](https://github.com/Jiahao-UTS/MPAE)); please cite:", "",
                   "```bibtex", CITATION, "```", ""]
-        card_data = ModelCardData(**self._hub_mixin_info.model_card_data.to_dict())
+        card_data = ModelCardData(**CARD_DATA)
         return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
     @staticmethod
@@ -532,7 +544,7 @@ class PretrainedMixin(
         from .runs import hparam_conflicts
 
         where = model_id
-        settings = _checked_config(config, where, [n for n in cls._hub_mixin_init_parameters if n not in ("self", "config")])
+        settings = _checked_config(config, where, setting_names(cls))
         given = {k: v for k, v in model_kwargs.items() if k in FIXED_BY_CHECKPOINT}
         conflicts = hparam_conflicts(given, settings)
         if conflicts:

@@ -23,7 +23,7 @@ import yaml
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import CheckpointError, CheckpointWriteError, ConfigError, one_line
-from .models.weights import unreadable_reason
+from .models.weights import load_tensor_file, unreadable_reason
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -136,12 +136,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{where} is an empty file; the save or copy was interrupted, use another checkpoint")
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_tensor_file(path)
     except Exception as err:  # noqa: BLE001 - any failure to read means a bad file
         raise CheckpointError(
             f"cannot read {where} ({unreadable_reason(err)}); expected a .ckpt written by "
@@ -365,7 +360,9 @@ def use_run_folder(config: Any, subcommand: str, save_config_kwargs: dict[str, A
 
     Resumed fits continue in the run's version folder; test and validate log there (with
     ``<subcommand>_config.yaml`` instead of overwriting the training ``config.yaml``); predict
-    writes to ``<run>/predictions`` unless ``--prediction_writer.output_dir`` is given.
+    writes to ``<run>/predictions`` unless ``--prediction_writer.output_dir`` is given. Without a
+    configured logger (``mpae predict --ckpt_path X`` with no config) the run's folder is logged
+    into with Lightning's default logger, not a new ``./lightning_logs/version_<N>``.
     """
     if subcommand != "fit":
         save_config_kwargs["config_filename"] = f"{subcommand}_config.yaml"
@@ -373,6 +370,10 @@ def use_run_folder(config: Any, subcommand: str, save_config_kwargs: dict[str, A
     run = run_folder_of(ckpt_path) if ckpt_path and os.path.isfile(str(ckpt_path)) else None
     if run is None:
         return
+    if config["trainer"].get("logger") in (None, True):
+        # Lightning's default logger would open <default_root_dir>/lightning_logs/version_<next>
+        # (the current folder without a config): the run's own folder instead.
+        config["trainer"]["logger"] = default_logger(run, hp_metric=subcommand == "fit")
     for logger in as_list(config["trainer"].get("logger")):
         init = logger.get("init_args") if hasattr(logger, "get") else None
         if init is not None and "save_dir" in init and "version" in init:
@@ -383,18 +384,47 @@ def use_run_folder(config: Any, subcommand: str, save_config_kwargs: dict[str, A
             writer["output_dir"] = str(run.path / "predictions")
 
 
+def default_logger(run: RunFolder, hp_metric: bool = True) -> Any:
+    """The logger Lightning creates by default (TensorBoard when installed, else CSV), as a config
+    entry that logs into ``run``."""
+    from importlib.util import find_spec
+
+    from jsonargparse import Namespace
+
+    init = Namespace(save_dir=run.save_dir, name=run.name, version=run.version)
+    if find_spec("tensorboard") or find_spec("tensorboardX"):
+        init["default_hp_metric"] = hp_metric
+        return Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=init)
+    return Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=init)
+
+
+def rank_zero_log_dir(trainer: Any) -> str | None:
+    """``trainer.log_dir`` as rank 0 sees it, without its broadcast.
+
+    ``Trainer.log_dir`` broadcasts rank 0's folder to every process, so code that only rank 0 runs
+    (pictures, the scores file) must not read it under DDP: rank 0 would wait for the others
+    forever. Same folder: the first logger's ``log_dir`` (``save_dir`` for loggers without one),
+    else ``default_root_dir``.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        return getattr(logger, "log_dir", None) or logger.save_dir
+    return trainer.default_root_dir
+
+
 def write_test_scores(trainer: Any) -> Path | None:
     """Write the logged ``test/*`` scores to ``<log_dir>/test_scores.yaml`` (rank 0); return its path.
 
     ``{ckpt_path, scores: {"test/keypoint_nmi": ..., ...}}``, the numbers ``mpae test`` prints.
     Nothing is written (None) without scores, without a log folder, or on other ranks.
     """
-    if trainer.global_rank != 0 or not trainer.log_dir:
+    log_dir = rank_zero_log_dir(trainer) if trainer.global_rank == 0 else None
+    if not log_dir:
         return None
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if not scores:
         return None
-    path = Path(trainer.log_dir) / "test_scores.yaml"
+    path = Path(log_dir) / "test_scores.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"ckpt_path": trainer.ckpt_path, "scores": scores}, sort_keys=True))
     return path

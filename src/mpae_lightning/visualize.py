@@ -5,12 +5,15 @@ both the same colour for the same id invites false matching. When ground truth i
 shown, every predicted part is coloured like the ground-truth label it is matched to
 (a one-to-one Hungarian match maximising the overlap on the shown images); parts
 without a match get colours no ground-truth label uses. Every grid carries column
-headers and a legend that says which colour is which and how colours were assigned.
+headers and a legend that says which colour is which and how colours were assigned, listing
+only the parts and labels that appear in the shown maps. Panels are at least
+:data:`MIN_PANEL` pixels a side (label maps upscaled with nearest, so every part keeps
+sharp edges), and a title line can say which model, epoch and score a picture shows.
 """
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,22 +28,28 @@ from .metrics.functional import contingency_table
 
 __all__ = [
     "BACKGROUND_COLOR",
+    "MIN_PANEL",
     "PartColours",
     "colorize",
     "denormalize",
     "label_grid",
     "labelled_grid",
+    "main_score",
     "match_parts",
     "overlay",
+    "panel_size",
     "part_colours",
     "part_grid",
     "part_palette",
+    "picture_title",
     "resize_labels",
     "save_grid",
     "save_label_png",
 ]
 
 BACKGROUND_COLOR = (40, 40, 40)
+#: Smallest side of a picture's panel in pixels: smaller maps (e.g. 64 px inputs, 128 px maps) are upscaled.
+MIN_PANEL = 256
 _WHITE = (255, 255, 255)
 _TEXT = (20, 20, 20)
 Colour = tuple[int, int, int]
@@ -90,6 +99,17 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resized[0, 0].long().numpy()
 
 
+def panel_size(height: int, width: int, minimum: int = MIN_PANEL) -> tuple[int, int]:
+    """(height, width) scaled by the smallest integer factor that makes the shorter side >= ``minimum``.
+
+    An integer factor keeps every label pixel an equal block under nearest upscaling.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"a panel needs a positive size, got {height}x{width}")
+    factor = max(1, -(-minimum // min(height, width)))
+    return height * factor, width * factor
+
+
 def _resize_rgb(rgb: np.ndarray, size: tuple[int, int], smooth: bool) -> np.ndarray:
     if rgb.shape[:2] == size:
         return rgb
@@ -103,10 +123,17 @@ def overlay(
     num_parts: int,
     alpha: float = 0.55,
     palette: np.ndarray | None = None,
+    min_size: int = MIN_PANEL,
 ) -> np.ndarray:
-    """Blend a (3, H, W) [0, 1] image with a part-label map (resized with nearest); background stays see-through."""
+    """Blend a (3, H, W) [0, 1] image with a part-label map (resized with nearest); background stays see-through.
+
+    An image whose shorter side is below ``min_size`` is first upscaled by an integer factor
+    (:func:`panel_size`; bilinear for the image, nearest for the labels); 0 keeps H x W.
+    """
     palette = part_palette(num_parts) if palette is None else np.asarray(palette, dtype=np.uint8)
     rgb = _to_rgb(image)
+    if min_size > 0:
+        rgb = _resize_rgb(rgb, panel_size(*rgb.shape[:2], minimum=min_size), smooth=True)
     return _blend(rgb, resize_labels(_numpy(labels), rgb.shape[:2]), palette, alpha)
 
 
@@ -120,9 +147,48 @@ def save_label_png(path: str | Path, labels: torch.Tensor | np.ndarray, num_part
     img.save(path)
 
 
-def save_grid(path: str | Path, grid: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 picture as PNG (the one writer for every grid)."""
-    Image.fromarray(grid).save(path)
+def save_grid(path: str | Path, grid: np.ndarray, title: str | None = None) -> None:
+    """Write an (H, W, 3) uint8 picture as PNG (the one writer for every grid).
+
+    ``title`` is also stored as the PNG's ``Title`` text chunk, so tools can read it back.
+    """
+    info = None
+    if title:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("Title", title)
+    Image.fromarray(grid).save(path, pnginfo=info)
+
+
+def main_score(metrics: Mapping[str, object], prefix: str,
+               names: Sequence[str] = ("keypoint_nmi", "mask_nmi")) -> tuple[str, float] | None:
+    """The first of ``names`` logged under ``prefix`` in ``metrics`` (e.g. ``trainer.callback_metrics``),
+    as ``("<prefix> keypoint NMI", value)``; None when none was logged."""
+    for name in names:
+        value = metrics.get(f"{prefix}/{name}")
+        if value is not None:
+            kind, _, score = name.rpartition("_")
+            return f"{prefix} {kind.replace('_', ' ')} {score.upper()}", float(value)  # type: ignore[arg-type]
+    return None
+
+
+def picture_title(
+    model: str, epoch: int | None = None, score: tuple[str, float] | None = None, num_parts: int | None = None
+) -> str:
+    """The title line of a picture: which model (checkpoint file name, run, or "untrained"), epoch and score.
+
+    Args:
+        model: the checkpoint file name, run name or ``"untrained"``.
+        epoch: Lightning's epoch index (as in ``epoch=3`` checkpoint names), or None if unknown.
+        score: (name, value in percent), e.g. from :func:`main_score`, or None if unknown.
+        num_parts: K, shown as ``K=...``.
+    """
+    parts = [f"MPAE K={num_parts}" if num_parts is not None else "MPAE", model]
+    if epoch is not None:
+        parts.append(f"epoch {epoch}")
+    parts.append(f"{score[0]} {score[1]:.2f}" if score is not None else "score unknown")
+    return "  |  ".join(parts)
 
 
 # ----------------------------------------------------------------------------- colours
@@ -194,6 +260,8 @@ def part_colours(
     truth: torch.Tensor | np.ndarray | None = None,
     num_true_labels: int | None = None,
     label_names: Sequence[str] | None = None,
+    shown_parts: Iterable[int] | None = None,
+    shown_labels: Iterable[int] | None = None,
 ) -> PartColours:
     """Colours for predicted parts (and ground truth), with a legend over the ids present.
 
@@ -208,13 +276,18 @@ def part_colours(
         truth: integer ground-truth labels of the same pixels (same shape as ``pred``), or None.
         num_true_labels: ground-truth labels including the background (last); default ``truth.max() + 1``.
         label_names: names of the foreground ground-truth labels (``num_true_labels - 1`` of them).
+        shown_parts: the part ids that appear in the pictured maps (default: those in ``pred``);
+            the legend lists only these (and the background only if it appears).
+        shown_labels: the ground-truth labels that appear in the pictured maps (default: those in ``truth``).
     """
     pred_np = _numpy(pred)
-    present = sorted(set(np.unique(pred_np).tolist()) - {num_parts - 1})
+    shown = set(np.unique(pred_np).tolist()) if shown_parts is None else {int(k) for k in shown_parts}
+    present = sorted(shown - {num_parts - 1})
+    background = [(BACKGROUND_COLOR, "background")]
     if truth is None:
         palette = part_palette(num_parts)
         legend = [(_colour(palette[k]), f"part {k}") for k in present]
-        legend.append((BACKGROUND_COLOR, "background"))
+        legend += background if num_parts - 1 in shown else []
         return PartColours(palette, None, None, legend, "colours: predicted part ids")
     truth_np = _numpy(truth)
     num_true = int(num_true_labels or int(truth_np.max()) + 1)
@@ -234,15 +307,15 @@ def part_colours(
         label = assignment[k]
         prediction[k] = hues[label] if label >= 0 else hues[num_true - 1 + unmatched.index(k)]
     part_of = {int(assignment[k]): k for k in range(num_parts - 1) if assignment[k] >= 0}
-    truth_present = set(np.unique(truth_np).tolist())
+    truth_present = set(np.unique(truth_np).tolist()) if shown_labels is None else {int(t) for t in shown_labels}
     legend = []
     for t in range(num_true - 1):
-        if t in part_of:
+        if t in part_of and (t in truth_present or part_of[t] in shown):
             legend.append((_colour(truth_palette[t]), f"{names[t]} = part {part_of[t]}"))
-        elif t in truth_present:
+        elif t in truth_present and t not in part_of:
             legend.append((_colour(truth_palette[t]), f"{names[t]} (no part)"))
     legend += [(_colour(prediction[k]), f"part {k} (unmatched)") for k in present if assignment[k] < 0]
-    legend.append((BACKGROUND_COLOR, "background"))
+    legend += background if (num_parts - 1 in shown or num_true - 1 in truth_present) else []
     note = "predicted parts coloured like the ground-truth label they overlap most (Hungarian match on these images)"
     return PartColours(prediction, truth_palette, assignment, legend, note)
 
@@ -269,8 +342,9 @@ def labelled_grid(
     legend: Sequence[tuple[Colour, str]] = (),
     note: str | None = None,
     pad: int = 2,
+    title: str | None = None,
 ) -> np.ndarray:
-    """Lay out equally sized (h, w, 3) uint8 tiles under column headers, with a legend below.
+    """Lay out equally sized (h, w, 3) uint8 tiles under a title line and column headers, with a legend below.
 
     Args:
         rows: one list of tiles per row, one tile per header.
@@ -278,6 +352,7 @@ def labelled_grid(
         legend: (colour, text) entries drawn as swatches, wrapped to the grid width.
         note: one line above the legend (e.g. how colours were assigned).
         pad: white gap between tiles in pixels.
+        title: one line above the headers (e.g. :func:`picture_title`), shrunk to fit the width.
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -315,15 +390,20 @@ def labelled_grid(
             x = 2
         legend_lines[-1].append((colour, text, w))
         x += w + gap
-    header_h = line + 2
+    title_h = line + 4 if title else 0
+    header_h = title_h + line + 2
     legend_h = (len(note_lines) + len(legend_lines)) * line + (4 if legend_lines or note_lines else 0)
     height = header_h + len(rows) * th + (len(rows) - 1) * pad + legend_h
     canvas = Image.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(headers):
-        f = _fitting_font(draw, title, tw, size)
-        x0 = c * (tw + pad) + (tw - draw.textlength(title, font=f)) / 2
-        draw.text((x0, 3), title, fill=_TEXT, font=f)
+    if title:
+        f = _fitting_font(draw, title, width, size)
+        draw.text((2, 3), title, fill=_TEXT, font=f)
+        draw.line([(0, title_h - 2), (width - 1, title_h - 2)], fill=_TEXT)
+    for c, header in enumerate(headers):
+        f = _fitting_font(draw, header, tw, size)
+        x0 = c * (tw + pad) + (tw - draw.textlength(header, font=f)) / 2
+        draw.text((x0, title_h + 3), header, fill=_TEXT, font=f)
     for r, row in enumerate(rows):
         y0 = header_h + r * (th + pad)
         for c, tile in enumerate(row):
@@ -350,9 +430,11 @@ def label_grid(
     ground_truth: torch.Tensor | np.ndarray | None = None,
     num_gt_labels: int | None = None,
     label_names: Sequence[str] | None = None,
-    tile: int | tuple[int, int] = 128,
+    tile: int | tuple[int, int] = MIN_PANEL,
     normalized: bool = True,
     part_map: bool = True,
+    title: str | None = None,
+    min_tile: int = MIN_PANEL,
 ) -> np.ndarray:
     """One row per image: image | overlay | part map [| ground truth] [| restored], headers and legend.
 
@@ -365,11 +447,15 @@ def label_grid(
             parts are then coloured by their match to it (see :func:`part_colours`).
         num_gt_labels: ground-truth labels including the background.
         label_names: names of the foreground ground-truth labels, for the legend.
-        tile: side (or (height, width)) of every tile in pixels.
+        tile: side (or (height, width)) of every tile in pixels; raised by an integer factor
+            to at least ``min_tile`` on its shorter side (:func:`panel_size`).
         normalized: whether ``images`` are ImageNet-normalised.
         part_map: include the plain part-map column.
+        title: a line above the headers (e.g. :func:`picture_title`).
+        min_tile: smallest tile side (default :data:`MIN_PANEL`; 0 keeps ``tile`` as given).
     """
     size = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+    size = panel_size(*size, minimum=min_tile) if min_tile > 0 else size
     labels_np = _numpy(labels).astype(np.int64)
     truth_np = None if ground_truth is None else _numpy(ground_truth).astype(np.int64)
     if truth_np is not None and truth_np.ndim == 4:
@@ -381,28 +467,33 @@ def label_grid(
         counts["restored"] = restored.shape[0]
     if len(set(counts.values())) != 1:
         raise ValueError(f"label_grid needs one entry per image in every input, got {counts}")
+    # The maps as drawn (nearest to the tile size): the legend lists exactly what they show.
+    shown_labels = [resize_labels(lab, size) for lab in labels_np]
+    shown_truth = None if truth_np is None else [resize_labels(t, size) for t in truth_np]
+    shown_parts = set(np.unique(np.stack(shown_labels)).tolist())
     if truth_np is not None:
         # Match on the shown images, compared at the ground truth's resolution.
         matched = np.stack([resize_labels(lab, truth_np.shape[-2:]) for lab in labels_np])
-        colours = part_colours(matched, num_parts, truth_np, num_gt_labels, label_names)
+        colours = part_colours(matched, num_parts, truth_np, num_gt_labels, label_names, shown_parts=shown_parts,
+                               shown_labels=np.unique(np.stack(shown_truth)).tolist())
     else:
-        colours = part_colours(labels_np, num_parts)
+        colours = part_colours(labels_np, num_parts, shown_parts=shown_parts)
     shown = denormalize(images.float()) if normalized else images.float().clamp(0, 1)
     headers = ["image", "overlay", *(["part map"] if part_map else []),
                *(["ground truth"] if truth_np is not None else []), *(["restored"] if restored is not None else [])]
     rows = []
     for i in range(images.shape[0]):
         rgb = _resize_rgb(_to_rgb(shown[i]), size, smooth=True)
-        lab = resize_labels(labels_np[i], size)
+        lab = shown_labels[i]
         row = [rgb, _blend(rgb, lab, colours.prediction, 0.55)]
         if part_map:
             row.append(colours.prediction[lab])
-        if truth_np is not None:
-            row.append(colorize(resize_labels(truth_np[i], size), len(colours.truth), colours.truth))
+        if shown_truth is not None:
+            row.append(colorize(shown_truth[i], len(colours.truth), colours.truth))
         if restored is not None:
             row.append(_resize_rgb(_to_rgb(denormalize(restored[i].float())), size, smooth=True))
         rows.append(row)
-    return labelled_grid(rows, headers, colours.legend, colours.note)
+    return labelled_grid(rows, headers, colours.legend, colours.note, title=title)
 
 
 def part_grid(
@@ -412,8 +503,11 @@ def part_grid(
     ground_truth: torch.Tensor | None = None,
     num_gt_labels: int | None = None,
     label_names: Sequence[str] | None = None,
-    tile: int = 128,
+    tile: int = MIN_PANEL,
+    title: str | None = None,
+    min_tile: int = MIN_PANEL,
 ) -> np.ndarray:
     """:func:`label_grid` of the argmax of (B, K+1, h, w) part probabilities (background last)."""
     return label_grid(images, part_probs.argmax(dim=1), part_probs.shape[1], restored=restored,
-                      ground_truth=ground_truth, num_gt_labels=num_gt_labels, label_names=label_names, tile=tile)
+                      ground_truth=ground_truth, num_gt_labels=num_gt_labels, label_names=label_names, tile=tile,
+                      title=title, min_tile=min_tile)

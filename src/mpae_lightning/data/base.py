@@ -25,6 +25,7 @@ __all__ = [
     "ImageRecord",
     "ImageRecordDataset",
     "PartDataModule",
+    "as_rgb",
     "check_files_exist",
     "load_rgb",
     "missing_files",
@@ -47,12 +48,32 @@ class ImageReadError(OSError):
 _EXIF_ORIENTATION = 0x0112
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as 3-channel RGB (grayscale, CMYK, RGBA and palette images included).
+def as_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 3-channel RGB, as every dataset reads it (and ``MPAEModule.predict_images``).
 
     An EXIF orientation tag is applied (``ImageOps.exif_transpose``), as ``cv2.imread`` in the
-    authors' loaders does, so the returned size is the oriented one and annotations given for the
-    displayed image (keypoints) line up with it.
+    authors' loaders does; a palette with transparency goes through RGBA; 16/32-bit integer and
+    float grayscale (TIFF ``I;16``, ``I``, ``F``) is scaled by its maximum to 8 bits, since PIL's
+    direct conversion clips it; every other mode (L, LA, P, RGBA, CMYK, YCbCr ...) is PIL's
+    ``convert("RGB")`` (an alpha channel is dropped). The first frame of an animation is used.
+    """
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grayscale: PIL's direct RGB conversion clips, so rescale to 8 bits first.
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        hi = arr.max() if arr.size else 0.0
+        arr = np.clip(arr / (hi if hi > 0 else 1.0), 0.0, 1.0) * 255.0
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as 3-channel RGB (:func:`as_rgb`: grayscale, CMYK, RGBA, palette and
+    16-bit images included; EXIF orientation applied, so the returned size is the oriented one and
+    annotations given for the displayed image, such as keypoints, line up with it).
 
     Args:
         path: Image file.
@@ -64,23 +85,13 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                img = ImageOps.exif_transpose(img)
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit grayscale: PIL's direct RGB conversion clips, so rescale to 8 bits first.
-                arr = np.asarray(img, dtype=np.float64)
-                hi = arr.max() if arr.size else 0.0
-                arr = arr / (hi if hi > 0 else 1.0) * 255.0
-                img = Image.fromarray(arr.astype(np.uint8), mode="L")
-            return img.convert("RGB")
+            return as_rgb(img)
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageReadError(
             f"cannot read image {path} ({type(err).__name__}: {err}); expected a readable image file "
-            "(JPEG, PNG, BMP, WebP); it may be truncated or corrupt"
+            "(any format Pillow opens: JPEG, PNG, TIFF, GIF, WebP, BMP ...); it may be truncated or corrupt"
         ) from err
 
 
@@ -202,6 +213,9 @@ class ImageRecordDataset(Dataset):
             :func:`~mpae_lightning.data.transforms.squash_resize` (bilinear, no antialiasing) on
             either split, as the authors' CelebA loader does; the augmentation or evaluation
             transform then follows.
+        isotropic_scale: Evaluation items with keypoints add ``isotropic_scale`` (2,) float64,
+            ``(W, H) / min(W, H)``: multiplying (x, y) of the S×S input by it gives the isotropic
+            frame (original resized to shorter side S) where PDiscoNet measures CelebA KPR.
     """
 
     def __init__(
@@ -211,12 +225,14 @@ class ImageRecordDataset(Dataset):
         train: bool = False,
         mask_fn: Callable[[int, int, int], torch.Tensor] | None = None,
         squash: bool = False,
+        isotropic_scale: bool = False,
     ) -> None:
         self.records = list(records)
         self.image_size = image_size
         self.train = train
         self.mask_fn = mask_fn
         self.squash = squash
+        self.isotropic_scale = isotropic_scale
         self.transform = train_transform(image_size) if train else eval_transform(image_size)
 
     @property
@@ -230,7 +246,9 @@ class ImageRecordDataset(Dataset):
         """The records at ``indices`` (``index`` then counts within the subset), masks included."""
         indices = [int(i) for i in indices]
         mask_fn = _SubsetMaskFn(self.mask_fn, indices) if self.mask_fn is not None else None
-        return ImageRecordDataset([self.records[i] for i in indices], self.image_size, self.train, mask_fn, self.squash)
+        return ImageRecordDataset(
+            [self.records[i] for i in indices], self.image_size, self.train, mask_fn, self.squash, self.isotropic_scale
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
@@ -250,6 +268,8 @@ class ImageRecordDataset(Dataset):
             item["keypoints"] = scale_keypoints(rec.keypoints, width, height, self.image_size)
             vis = rec.visible if rec.visible is not None else np.ones(len(rec.keypoints), dtype=bool)
             item["visible"] = torch.as_tensor(np.asarray(vis, dtype=bool))
+            if self.isotropic_scale:
+                item["isotropic_scale"] = torch.tensor([width, height], dtype=torch.float64) / min(width, height)
         if rec.box is not None:
             # Corner and size scale like keypoints (x by S/W, y by S/H).
             item["box"] = scale_keypoints(np.asarray(rec.box, dtype=np.float64).reshape(2, 2), width, height,
@@ -281,8 +301,13 @@ class PartDataModule(LightningDataModule, ABC):
     training uses the rest, validation the slice (without augmentation, with annotations).
 
     Args:
-        batch_size: Training images per batch and per process; a multiple of ``mini_group`` when it is larger.
-        mini_group: Chunk size of the mini-group presence loss (8 single-category, 64 multi-category).
+        batch_size: Training images per batch and per process (Lightning's convention); the global
+            batch is ``batch_size x world size``, as one process with that batch size would see it.
+            A multiple of ``mini_group`` when it is larger.
+        mini_group: Chunk size of the mini-group presence loss (8 single-category, 64
+            multi-category), counted in the global batch: a group larger than ``batch_size``
+            spans neighbouring processes (the loss gathers it), so 4 processes of 16 with
+            ``mini_group: 64`` train on the same groups as one process of 64.
         eval_batch_size: Images per batch for validation, test and predict.
         num_workers: DataLoader worker processes.
         seed: Seed of the training order (shared by all ranks; reshuffled every epoch).
@@ -292,6 +317,10 @@ class PartDataModule(LightningDataModule, ABC):
         mask_size: Side of the ground-truth part masks (datasets with masks).
         val_fraction: Share of the training split held out for validation (seeded by ``seed``);
             0 validates on :attr:`default_val_split`.
+        drop_last: Drop the training images that do not fill a whole global batch. Default
+            ``False``, as the authors' ``DataLoader``: the rest make one last, smaller batch (under
+            DDP split evenly over the processes, see
+            :class:`~mpae_lightning.data.samplers.MiniGroupBatchSampler`).
     """
 
     #: What validation runs on when ``val_fraction`` is 0.
@@ -308,6 +337,7 @@ class PartDataModule(LightningDataModule, ABC):
         image_size: int = 224,
         mask_size: int = 128,
         val_fraction: float = 0.0,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or mini_group < 1 or eval_batch_size < 1:
@@ -333,6 +363,7 @@ class PartDataModule(LightningDataModule, ABC):
         self.image_size = int(image_size)
         self.mask_size = int(mask_size)
         self.val_fraction = float(val_fraction)
+        self.drop_last = bool(drop_last)
         self.has_keypoints = False
         self.has_masks = False
         self.num_keypoints = 0
@@ -469,12 +500,13 @@ class PartDataModule(LightningDataModule, ABC):
             mini_group=self.mini_group,
             shuffle=True,
             seed=self.seed,
-            drop_last=True,
+            drop_last=self.drop_last,
             num_replicas=world_size,
             rank=rank,
             group_by=self.group_by,
         )
-        # Resumable mid-epoch, with each batch's augmentation seeded by (seed, epoch, batch).
+        # Resumable mid-epoch; each image's augmentation and patch mask seeded by (seed, epoch,
+        # global batch, position in it), whatever the number of processes.
         return ResumableDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
 
     def _eval_dataloader(self, split: Split) -> DataLoader:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 from importlib import resources
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from .base import (
     DatasetFormatError,
@@ -19,11 +21,21 @@ from .base import (
     require_root,
 )
 
-__all__ = ["CelebADataModule", "default_celeba_list", "read_celeba_list"]
+__all__ = [
+    "CelebADataModule",
+    "default_celeba_list",
+    "find_mafl_fit_files",
+    "read_celeba_list",
+    "read_mafl_fit_records",
+]
 
 CELEBA_NUM_KEYPOINTS = 5
 _LISTS = {"train": "cele_train_lm.txt", "test": "MAFL_test_lm.txt"}
 _EXPECTED = "the unaligned CelebA folder with img_celeba/NNNNNN.jpg (the 'In-The-Wild' images)"
+#: PDiscoNet's KPR fitting set: MAFL's training list, CelebA's unaligned landmarks and face boxes.
+MAFL_FIT_FILES = ("MAFL_training.txt", "list_landmarks_unalign_celeba.txt", "list_bbox_celeba.txt")
+#: PDiscoNet keeps the faces whose box covers at least this share of the image (``percentage=0.3``).
+MAFL_FACE_FRACTION = 0.3
 
 
 def default_celeba_list(split: Literal["train", "test"]) -> str:
@@ -74,6 +86,79 @@ def read_celeba_list(path: str, image_dir: str) -> list[ImageRecord]:
     return records
 
 
+def find_mafl_fit_files(root: str) -> tuple[dict[str, str], list[str]]:
+    """Locate :data:`MAFL_FIT_FILES` in ``root``, ``root/Anno`` or ``root/MAFL``.
+
+    Returns:
+        (found: file name -> path, missing file names).
+    """
+    found, missing = {}, []
+    for name in MAFL_FIT_FILES:
+        paths = [os.path.join(root, sub, name) for sub in ("", "Anno", "MAFL")]
+        path = next((q for q in paths if os.path.isfile(q)), None)
+        if path is None:
+            missing.append(name)
+        else:
+            found[name] = path
+    return found, missing
+
+
+def _read_name_table(path: str, width: int) -> dict[str, np.ndarray]:
+    """``name v1 ... v_width`` lines of a CelebA annotation file; its count and header lines are skipped."""
+    table = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                values: np.ndarray | None = np.asarray([float(v) for v in fields[1:]], dtype=np.float64)
+            except ValueError:
+                values = None
+            if values is None or len(values) != width:
+                if lineno <= 2:  # the image count and the column names
+                    continue
+                raise DatasetFormatError(
+                    f"{path} line {lineno}: expected an image name and {width} numbers, got {line.strip()!r}"
+                )
+            table[fields[0]] = values
+    return table
+
+
+def read_mafl_fit_records(
+    files: dict[str, str], image_dir: str, face_fraction: float = MAFL_FACE_FRACTION
+) -> list[ImageRecord]:
+    """PDiscoNet's CelebA KPR fitting set: the MAFL training images whose face box covers at least
+    ``face_fraction`` of the image, with their unaligned landmarks (original pixels).
+
+    Args:
+        files: paths of :data:`MAFL_FIT_FILES` (see :func:`find_mafl_fit_files`).
+        image_dir: the ``img_celeba`` folder (image sizes are read from the files' headers).
+        face_fraction: minimum face-box area over image area.
+    """
+    list_path, landmark_path, box_path = (files[name] for name in MAFL_FIT_FILES)
+    with open(list_path, encoding="utf-8") as fh:
+        names = [line.split()[0] for line in fh if line.strip()]
+    landmarks = _read_name_table(landmark_path, 2 * CELEBA_NUM_KEYPOINTS)
+    boxes = _read_name_table(box_path, 4)
+    paths = [os.path.join(image_dir, name) for name in names]
+    check_files_exist(paths, list_path, image_dir)
+    records = []
+    for name, path in zip(names, paths):
+        for table, source in ((landmarks, landmark_path), (boxes, box_path)):
+            if name not in table:
+                raise DatasetFormatError(f"{source} has no line for {name}, listed in {list_path}")
+        with Image.open(path) as img:
+            width, height = img.size
+        box = boxes[name]
+        if box[2] * box[3] >= width * height * face_fraction:
+            records.append(ImageRecord(path=path, keypoints=landmarks[name].reshape(-1, 2),
+                                       visible=np.ones(CELEBA_NUM_KEYPOINTS, dtype=bool)))
+    if not records:
+        raise DatasetFormatError(f"no image of {list_path} has a face box over {face_fraction:.0%} of the image")
+    return records
+
+
 class CelebADataModule(PartDataModule):
     """Unaligned CelebA with 5 landmarks (keypoint evaluation mode, all 5 keypoints count).
 
@@ -85,6 +170,12 @@ class CelebADataModule(PartDataModule):
     ``cv2.resize``) on both splits; training then flips and applies the random affine to the
     squashed image. Evaluation items carry ``keypoints`` (5, 2) (eyes, nose, mouth corners) in
     pixels of the S×S image (x·S/W, y·S/H) and ``visible`` (all True). ``label`` is -1.
+
+    Keypoint regression (KPR, ``KeypointRegressionEvaluation``) follows PDiscoNet's CelebA
+    protocol by default: coordinates in the isotropic frame (the image resized to shorter side
+    S; items carry ``isotropic_scale``, the factors from the squashed S×S input to that frame), the
+    error divided by the inter-ocular distance, and the regression fitted on MAFL's training
+    images whose face box covers at least 30 % of the image (:meth:`build_keypoint_fit_dataset`).
 
     Args:
         root: The CelebA folder that contains ``img_celeba/``.
@@ -100,6 +191,13 @@ class CelebADataModule(PartDataModule):
         mask_size: Unused (CelebA has no part masks); kept for a uniform interface.
         val_fraction: Share of the training list held out for validation (with landmarks) instead of
             the test list (0: the test list, as the authors do; logged as ``val_on_test``).
+        drop_last: Drop the training images that do not fill a whole global batch (default: keep them
+            as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
+        kpr_coordinates: Frame of the keypoint regression error: ``"isotropic"`` (PDiscoNet's: the
+            original image resized to shorter side S) or ``"squashed"`` (the S×S input, where the
+            vertical error weighs W/H times the horizontal one).
+        fit_list: KPR fitting images in the ``name,x1,y1,...,x5,y5`` syntax, instead of PDiscoNet's
+            MAFL fitting set read from the dataset folder.
     """
 
     #: Keypoint regression error (KPR) divides by the inter-ocular distance (keypoints 0 and 1), as PDiscoNet.
@@ -119,7 +217,12 @@ class CelebADataModule(PartDataModule):
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
         val_fraction: float = 0.0,
+        drop_last: bool = False,
+        kpr_coordinates: Literal["isotropic", "squashed"] = "isotropic",
+        fit_list: str | None = None,
     ) -> None:
+        if kpr_coordinates not in ("isotropic", "squashed"):
+            raise ValueError(f"kpr_coordinates must be 'isotropic' or 'squashed', got {kpr_coordinates!r}")
         super().__init__(
             batch_size=batch_size,
             mini_group=mini_group,
@@ -130,11 +233,14 @@ class CelebADataModule(PartDataModule):
             image_size=image_size,
             mask_size=mask_size,
             val_fraction=val_fraction,
+            drop_last=drop_last,
         )
         self.save_hyperparameters()
         self.root = root
         self.train_list = train_list
         self.test_list = test_list
+        self.kpr_coordinates = kpr_coordinates
+        self.fit_list = fit_list
         self.has_keypoints = True
         self.num_keypoints = CELEBA_NUM_KEYPOINTS
 
@@ -149,6 +255,10 @@ class CelebADataModule(PartDataModule):
         """Validation and prediction read the test split (the authors validate on it)."""
         return "train" if split == "train" else "test"
 
+    def _eval_dataset(self, records: list[ImageRecord]) -> ImageRecordDataset:
+        isotropic = self.kpr_coordinates == "isotropic"
+        return ImageRecordDataset(records, self.image_size, train=False, squash=True, isotropic_scale=isotropic)
+
     def build_dataset(self, split: Split) -> ImageRecordDataset:
         if split == "train":
             path = self.train_list or default_celeba_list("train")
@@ -156,8 +266,32 @@ class CelebADataModule(PartDataModule):
                 read_celeba_list(path, self._image_dir()), self.image_size, train=True, squash=True
             )
         path = self.test_list or default_celeba_list("test")
-        return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=False, squash=True)
+        return self._eval_dataset(read_celeba_list(path, self._image_dir()))
 
     def build_train_eval_dataset(self) -> ImageRecordDataset:
         path = self.train_list or default_celeba_list("train")
-        return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=False, squash=True)
+        return self._eval_dataset(read_celeba_list(path, self._image_dir()))
+
+    def build_keypoint_fit_dataset(self) -> ImageRecordDataset:
+        """The images the keypoint regression is fitted on (evaluation transform).
+
+        ``fit_list`` if given; else PDiscoNet's fitting set, MAFL's training images with a face
+        box over 30 % of the image, when the dataset folder (or its ``Anno/`` or ``MAFL/``) has
+        :data:`MAFL_FIT_FILES`; else, with a warning naming the missing files, the training list.
+        """
+        image_dir = self._image_dir()
+        if self.fit_list:
+            return self._eval_dataset(read_celeba_list(self.fit_list, image_dir))
+        root = os.path.dirname(image_dir)
+        found, missing = find_mafl_fit_files(root)
+        if not missing:
+            return self._eval_dataset(read_mafl_fit_records(found, image_dir))
+        train = self.build_train_eval_dataset()
+        warnings.warn(
+            f"CelebA KPR: {', '.join(missing)} not found in {root} (nor in its Anno/ or MAFL/), so the "
+            f"regression is fitted on the {len(train)} training images instead of PDiscoNet's MAFL fitting "
+            "set (MAFL training images with a face box over 30 % of the image); the score is not comparable "
+            "with PDiscoNet's table. Add those files or pass fit_list.",
+            stacklevel=2,
+        )
+        return train

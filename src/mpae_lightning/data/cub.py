@@ -170,6 +170,8 @@ class CUBDataModule(PartDataModule):
         mask_size: Unused (CUB has no part masks); kept for a uniform interface.
         val_fraction: Share of the training split held out for validation (with keypoints) instead of
             the test split (0: the test split, as the authors do; logged as ``val_on_test``).
+        drop_last: Drop the training images that do not fill a whole global batch (default: keep them
+            as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
     """
 
     def __init__(
@@ -184,6 +186,7 @@ class CUBDataModule(PartDataModule):
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
         val_fraction: float = 0.0,
+        drop_last: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -195,6 +198,7 @@ class CUBDataModule(PartDataModule):
             image_size=image_size,
             mask_size=mask_size,
             val_fraction=val_fraction,
+            drop_last=drop_last,
         )
         self.save_hyperparameters()
         self.root = root

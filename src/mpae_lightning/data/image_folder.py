@@ -2,31 +2,99 @@
 
 from __future__ import annotations
 
+import mimetypes
 import os
 from typing import Literal
 
-import numpy as np
+from PIL import Image, ImageFile
 
 from .base import ImageRecord, ImageRecordDataset, PartDataModule, Split, require_root
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataModule", "list_images"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataModule", "image_extensions", "list_images", "scan_images"]
 
 
-def list_images(root: str) -> list[str]:
-    """All image files under ``root`` (recursively, hidden entries skipped), sorted by relative path."""
-    found = []
+#: Formats Pillow identifies but never decodes, without marking them as stubs (its docs: "Identify-only formats").
+_IDENTIFY_ONLY = frozenset({"MPEG"})
+
+
+def image_extensions() -> tuple[str, ...]:
+    """The file suffixes (lower case, with the dot) of every format this Pillow can decode.
+
+    Asked of Pillow each time (``PIL.Image.registered_extensions()``), so formats added by plugins
+    (``pillow_heif.register_heif_opener()``, ...) count once registered. Formats Pillow can only
+    write (PDF) or only identify (HDF5, GRIB, BUFR, MPEG, WMF without a handler), and PostScript without
+    Ghostscript, are left out: Pillow cannot read a picture from their files.
+    """
+    registered = Image.registered_extensions()  # loads every plugin first
+    readable = {
+        name for name, (factory, _) in Image.OPEN.items()
+        if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+        and name not in _IDENTIFY_ONLY
+    }
+    if "EPS" in readable:
+        from PIL import EpsImagePlugin
+
+        if not EpsImagePlugin.has_ghostscript():  # Pillow renders PostScript with Ghostscript only
+            readable.discard("EPS")
+    return tuple(sorted(ext.lower() for ext, name in registered.items() if name in readable))
+
+
+#: :func:`image_extensions` when this module was imported (``list_images`` asks Pillow again each time).
+IMAGE_EXTENSIONS = image_extensions()
+
+
+def _looks_like_an_image(name: str) -> bool:
+    kind, _ = mimetypes.guess_type(name, strict=False)
+    return bool(kind) and kind.startswith("image/")
+
+
+def scan_images(root: str) -> tuple[list[str], list[str]]:
+    """``(images, skipped)`` under ``root`` (recursively, hidden entries skipped), each sorted by relative path.
+
+    ``images`` are the files in a format Pillow decodes (:func:`image_extensions`); ``skipped`` are
+    files whose type says "image" but that this Pillow cannot open (e.g. ``.heic`` without the
+    pillow-heif plugin, ``.svg``). Any other file (``.txt``, ``.json`` ...) is ignored.
+    """
+    suffixes = image_extensions()
+    found, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(suffixes):
                 found.append(os.path.join(dirpath, name))
-    return sorted(found, key=lambda p: os.path.relpath(p, root))
+            elif _looks_like_an_image(name):
+                skipped.append(os.path.join(dirpath, name))
+    key = lambda p: os.path.relpath(p, root)  # noqa: E731
+    return sorted(found, key=key), sorted(skipped, key=key)
+
+
+def list_images(root: str) -> list[str]:
+    """All image files under ``root`` that Pillow decodes (recursively, hidden entries skipped), sorted by
+    relative path (see :func:`scan_images`)."""
+    return scan_images(root)[0]
+
+
+def skipped_message(root: str, skipped: list[str], show: int = 5) -> str:
+    """One line naming the image-like files under ``root`` that Pillow cannot open."""
+    names = ", ".join(os.path.relpath(p, root) for p in skipped[:show])
+    more = f" and {len(skipped) - show} more" if len(skipped) > show else ""
+    return (
+        f"image folder {root}: skipped {len(skipped)} file(s) that Pillow cannot open: {names}{more} "
+        "(convert them, or install a Pillow plugin for their format, e.g. pillow-heif for .heic)"
+    )
 
 
 class ImageFolderDataModule(PartDataModule):
-    """Every image found under ``root`` (jpg, jpeg, png, bmp, webp; searched recursively).
+    """Every image found under ``root`` (searched recursively), in any format Pillow decodes.
+
+    JPEG, PNG, TIFF (16-bit too), GIF and animated WebP (first frame), BMP, JPEG 2000 ... and the
+    formats of installed Pillow plugins (:func:`image_extensions`). Files whose type says "image"
+    but that Pillow cannot open (``.heic`` without pillow-heif, ``.svg``) are skipped with one
+    warning naming them. A listed file that turns out to be undecodable (truncated, corrupt) stops
+    the run with an error naming it, as silently training or predicting on fewer images would
+    surprise; ``mpae check-data`` lists every such file beforehand.
 
     There are no annotations (``has_keypoints = has_masks = False``, ``label`` = -1), so
     validation can report only the losses. With ``val_fraction > 0`` a seeded random subset is
@@ -46,6 +114,8 @@ class ImageFolderDataModule(PartDataModule):
         seed: Seed of the training order and of the validation hold-out.
         group_by: Must stay None: the images have no class labels.
         mask_size: Unused (no masks); kept for a uniform interface.
+        drop_last: Drop the training images that do not fill a whole global batch (default: keep them
+            as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
     """
 
     #: Without a hold-out, validation runs on the training images (logged as ``val_on_train``).
@@ -63,6 +133,7 @@ class ImageFolderDataModule(PartDataModule):
         seed: int = 0,
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
+        drop_last: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -74,6 +145,7 @@ class ImageFolderDataModule(PartDataModule):
             image_size=image_size,
             mask_size=mask_size,
             val_fraction=val_fraction,
+            drop_last=drop_last,
         )
         self.save_hyperparameters()
         self.root = root
@@ -82,12 +154,17 @@ class ImageFolderDataModule(PartDataModule):
     def files(self) -> list[str]:
         """All images, sorted (listed once)."""
         if self._files is None:
-            root = require_root(self.root, "Image folder", "a folder containing images (jpg, jpeg, png, bmp, webp)")
-            files = list_images(root)
+            root = require_root(self.root, "Image folder", "a folder containing images (any format Pillow opens)")
+            files, skipped = scan_images(root)
+            if skipped and files:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(skipped_message(root, skipped))
             if not files:
+                also = f"; {skipped_message(root, skipped)}" if skipped else ""
                 raise FileNotFoundError(
-                    f"image folder {root} contains no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)} "
-                    "(searched recursively)"
+                    f"image folder {root} contains no images; expected files in a format Pillow opens "
+                    f"(.jpg, .png, .tif, .gif, .webp, .bmp ...; searched recursively){also}"
                 )
             self._files = files
         return self._files

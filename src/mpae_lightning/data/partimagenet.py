@@ -197,6 +197,8 @@ class PartImageNetDataModule(PartDataModule):
         mask_size: Side of the ground-truth masks (paper: 128).
         val_fraction: Share of the training split held out for validation (with part masks) instead
             of the test split (0: the test split, as the authors do; logged as ``val_on_test``).
+        drop_last: Drop the training images that do not fill a whole global batch (default: keep them
+            as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
     """
 
     def __init__(
@@ -212,6 +214,7 @@ class PartImageNetDataModule(PartDataModule):
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
         val_fraction: float = 0.0,
+        drop_last: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -223,6 +226,7 @@ class PartImageNetDataModule(PartDataModule):
             image_size=image_size,
             mask_size=mask_size,
             val_fraction=val_fraction,
+            drop_last=drop_last,
         )
         if variant not in ("ood", "seg"):
             raise ValueError(f"variant must be 'ood' or 'seg', got {variant!r}")

@@ -1,8 +1,8 @@
 """A training DataLoader that Lightning can checkpoint mid-epoch, with seeded augmentation.
 
 Lightning saves ``state_dict()`` of every training loader that has one and calls
-``load_state_dict()`` before it creates the resumed iterator. Together with the per-batch
-augmentation seed carried by :class:`~mpae_lightning.data.samplers.SeededBatch`, a resumed run
+``load_state_dict()`` before it creates the resumed iterator. Together with the per-image
+augmentation and masking seeds carried by :class:`~mpae_lightning.data.samplers.SeededBatch`, a resumed run
 sees exactly the batches, and exactly the augmented images, that the uninterrupted run saw.
 """
 from __future__ import annotations
@@ -21,11 +21,15 @@ __all__ = ["ResumableDataLoader", "SeededBatchDataset"]
 
 
 class SeededBatchDataset(Dataset):
-    """Wraps a dataset so each batch's random transforms are seeded by the batch's own seed.
+    """Wraps a dataset so each image's random transforms are seeded by the image's own seed.
 
-    The global torch, NumPy and Python generators are seeded for the batch and restored after it,
-    so reading a batch in the main process (``num_workers=0``) leaves the training step's random
-    stream untouched, and a worker's state does not carry from one batch into the next.
+    The seeds come with the :class:`~mpae_lightning.data.samplers.SeededBatch` (one per position
+    in the global batch), so an image is augmented the same way whichever process, worker or
+    neighbours it is read with. Dict items also get ``"mask_seed"``, the seed of the image's
+    patch-mask noise, which :class:`~mpae_lightning.MPAEModule` draws from in its training step.
+    The global torch, NumPy and Python generators are seeded per image and restored after the
+    batch, so reading a batch in the main process (``num_workers=0``) leaves the training step's
+    random stream untouched, and a worker's state does not carry from one image into the next.
 
     Args:
         dataset: The map-style training dataset.
@@ -41,19 +45,26 @@ class SeededBatchDataset(Dataset):
         return self.dataset[index]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        seed = getattr(indices, "seed", None)
-        if seed is None:
+        augment_seeds = getattr(indices, "augment_seeds", None)
+        if augment_seeds is None:
             return [self.dataset[i] for i in indices]
+        mask_seeds = indices.mask_seeds  # type: ignore[attr-defined]
         np_state, py_state = np.random.get_state(), random.getstate()
+        items = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            random.seed(seed)
             try:
-                return [self.dataset[i] for i in indices]
+                for index, seed, mask_seed in zip(indices, augment_seeds, mask_seeds):
+                    torch.manual_seed(seed)
+                    np.random.seed(seed)
+                    random.seed(seed)
+                    item = self.dataset[index]
+                    if isinstance(item, dict):
+                        item["mask_seed"] = mask_seed
+                    items.append(item)
             finally:
                 np.random.set_state(np_state)
                 random.setstate(py_state)
+        return items
 
 
 class ResumableDataLoader(DataLoader):

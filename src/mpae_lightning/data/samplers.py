@@ -1,11 +1,15 @@
-"""Samplers that keep MPAE's mini-groups intact under DDP.
+"""Samplers that cut one global batch into the processes' slices, and shard evaluation sets.
 
-MPAE's presence loss is computed over consecutive chunks of ``mini_group``
-images inside a batch, so a batch must be built with whole mini-groups and no
-mini-group may be split between two processes. :class:`MiniGroupBatchSampler`
-shards whole batches across ranks; :class:`EvalShardSampler` shards evaluation
-sets without the padding duplicates of ``DistributedSampler`` so that every test
-image counts exactly once in a metric summed over ranks.
+MPAE's presence loss is computed over consecutive chunks of ``mini_group`` images of a batch.
+Under DDP the batch that matters is the global one: ``batch_size`` images on each of the
+``world_size`` processes. :class:`MiniGroupBatchSampler` builds the epoch's global batches
+exactly as one process with ``batch_size x world_size`` would, and gives process ``r`` the
+``r``-th contiguous slice of each, so a mini-group of 64 on 4 processes of 16 is the same 64
+images as on one process of 64 (the presence loss gathers what it needs across processes).
+Every image also gets its own random seeds from (seed, epoch, global batch, position in the
+global batch), never from the rank. :class:`EvalShardSampler` shards evaluation sets without
+the padding duplicates of ``DistributedSampler`` so that every test image counts exactly once in
+a metric summed over ranks.
 """
 
 from __future__ import annotations
@@ -25,30 +29,47 @@ __all__ = [
     "batch_seed",
     "check_mini_group",
     "distributed_info",
+    "image_seeds",
 ]
 
 
 class SeededBatch(list):
-    """A batch of indices that carries the seed of its random augmentation (``.seed``).
+    """A batch of indices that carries each image's random seeds.
 
-    It pickles with its seed, so a DataLoader worker can seed the batch's transforms from it:
-    augmentation then depends on (seed, epoch, batch) only, not on which worker or how many.
+    ``.seed`` is the seed of the global batch; ``.augment_seeds`` and ``.mask_seeds`` hold one
+    seed per image for its augmentation and its patch-mask noise (:func:`image_seeds`). They
+    pickle with the batch, so a DataLoader worker seeds each image's transforms from them:
+    augmentation and masking then depend on (seed, epoch, global batch, position in it) only,
+    not on the worker, the number of workers or the rank.
     """
 
     seed: int
+    augment_seeds: list[int]
+    mask_seeds: list[int]
 
 
 def batch_seed(seed: int, epoch: int, batch: int) -> int:
-    """The augmentation seed of batch ``batch`` (global position in the epoch) of ``epoch``."""
+    """The seed of global batch ``batch`` (position in the epoch) of ``epoch``."""
     return int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1, np.uint32)[0])
 
 
-def check_mini_group(batch_size: int, mini_group: int) -> None:
-    """Refuse a batch that the presence loss's ``torch.split(batch, mini_group)`` would cut unevenly.
+def image_seeds(seed: int, epoch: int, batch: int, positions: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(augmentation seeds, patch-mask seeds) of the images at ``positions`` of global batch ``batch``.
+
+    Two independent 32-bit words per image (NumPy's ``SeedSequence``), so the flip of an image and
+    its masking pattern are not drawn from the same stream.
+    """
+    words = [np.random.SeedSequence([seed, epoch, batch, int(p)]).generate_state(2, np.uint32) for p in positions]
+    return [int(w[0]) for w in words], [int(w[1]) for w in words]
+
+
+def check_mini_group(batch_size: int, mini_group: int, world_size: int = 1) -> None:
+    """Refuse a global batch that the presence loss's ``torch.split(batch, mini_group)`` would cut unevenly.
 
     The authors cut every batch with ``torch.split``, so a mini-group at least as large as the
     batch is one group per batch (the supplement's Table 7 goes up to 128 with a batch of 64); a
     smaller mini-group must divide the batch so that every group has ``mini_group`` images.
+    The batch is the global one, ``batch_size x world_size`` (a mini-group may span processes).
 
     Raises:
         ValueError: ``batch_size`` or ``mini_group`` is not positive, or ``mini_group`` is smaller
@@ -56,10 +77,12 @@ def check_mini_group(batch_size: int, mini_group: int) -> None:
     """
     if batch_size < 1 or mini_group < 1:
         raise ValueError(f"batch_size ({batch_size}) and mini_group ({mini_group}) must be positive")
-    if mini_group < batch_size and batch_size % mini_group != 0:
+    total = batch_size * world_size
+    if mini_group < total and total % mini_group != 0:
+        where = "" if world_size == 1 else f" x {world_size} processes = {total} images per step"
         raise ValueError(
-            f"batch_size ({batch_size}) must be a multiple of mini_group ({mini_group}), or mini_group >= "
-            "batch_size (one group per batch): MPAE's presence loss works on consecutive chunks of "
+            f"batch_size ({batch_size}{where}) must be a multiple of mini_group ({mini_group}), or mini_group >= "
+            "the global batch (one group per batch): MPAE's presence loss works on consecutive chunks of "
             "mini_group images of a batch"
         )
 
@@ -107,18 +130,28 @@ class _RankIndexSampler(Sampler[int]):
             yield from batch
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self._parent._iter_batches(0))
+        parent = self._parent
+        batches = parent.epoch_batches()[: len(parent)]
+        return sum(len(b) // parent.num_replicas for b in batches)
 
 
 class MiniGroupBatchSampler(Sampler[list[int]]):
-    """Batches made of whole mini-groups, reshuffled per epoch and sharded by whole batches.
+    """This process's slice of each global batch, reshuffled per epoch; mini-groups may span processes.
 
-    Every rank computes the same epoch order from ``(seed, epoch)`` and takes every
-    ``num_replicas``-th batch starting at its rank, so all ranks get the same number of batches and
-    a mini-group (a chunk of consecutive images of one batch) never straddles two ranks. With
-    ``group_by="class"`` each mini-group is filled with images of a single class: per class the
-    images are shuffled and cut into chunks of ``mini_group``, the chunks are shuffled and then
-    concatenated into batches.
+    Every rank computes the same epoch order from ``(seed, epoch)`` and cuts it into global
+    batches of ``batch_size x num_replicas`` images, exactly the batches one process with that
+    batch size would get; rank ``r`` takes the ``r``-th contiguous slice of ``batch_size`` images
+    of each. A mini-group is a chunk of ``mini_group`` consecutive images of the global batch, so
+    it lies inside one process when ``mini_group`` divides ``batch_size`` and spans neighbouring
+    processes otherwise (the presence loss then gathers the group's part peaks across them).
+
+    With ``group_by="class"`` each mini-group is filled with images of a single class: per class
+    the images are shuffled and cut into chunks of ``mini_group``, the chunks are shuffled and
+    then concatenated into global batches.
+
+    Every yielded batch is a :class:`SeededBatch`: each image carries seeds for its augmentation
+    and its patch-mask noise drawn from (seed, epoch, global batch, position in the global batch),
+    so 1 and N processes draw the same random numbers for the same image.
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)``; the Trainer must run with
     ``use_distributed_sampler=False`` so that Lightning does not replace it. Lightning's epoch
@@ -127,16 +160,21 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
     Args:
         data_source: The dataset size, or a sequence with one class label per item (needed for
             ``group_by="class"``; labels may be any hashable ints, -1 included).
-        batch_size: Images per batch on one rank; a multiple of ``mini_group`` when it is larger.
-        mini_group: Chunk size of MPAE's mini-group presence loss; ``mini_group >= batch_size``
-            means one group per batch (``group_by="class"`` then fills each batch with one class).
+        batch_size: Images per batch on one rank; the global batch ``batch_size x num_replicas``
+            is a multiple of ``mini_group`` when it is larger.
+        mini_group: Chunk size of MPAE's mini-group presence loss; ``mini_group >=`` the global
+            batch means one group per batch (``group_by="class"`` then fills each batch with one class).
         shuffle: Reshuffle every epoch (deterministically from ``seed`` and the epoch). Without it
             the order is the dataset order.
         seed: Seed shared by all ranks.
-        drop_last: Drop the images that do not fill a whole batch on every rank (with
-            ``group_by``, also the images that do not fill a whole mini-group of their class), so
-            each index appears at most once per epoch. Otherwise the epoch is padded by repeating
-            indices from its beginning so that every rank still gets full batches.
+        drop_last: Drop the images that do not fill a whole global batch (with ``group_by``, also
+            the images that do not fill a whole mini-group of their class), so each index appears
+            at most once per epoch. Otherwise, as the authors' ``DataLoader`` does, the
+            ``n mod (batch_size x num_replicas)`` images left make one last, smaller global batch:
+            on one process all of them; on R processes each rank takes ``floor(rest / R)`` of them
+            (equal slices, so the gradient average stays exact) and the ``rest mod R`` images after
+            those (fewer than R) are left out of this epoch. With ``group_by="class"`` the epoch is
+            instead padded by repeating groups from its beginning, so every batch is full.
         num_replicas: Number of DDP processes (default: from ``torch.distributed``, else 1).
         rank: This process's rank (default: from ``torch.distributed``, else 0).
         group_by: ``"class"`` to fill each mini-group with one class, or None.
@@ -160,20 +198,21 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         else:
             self.labels = np.asarray(list(data_source), dtype=np.int64)
             self.num_samples = len(self.labels)
-        check_mini_group(batch_size, mini_group)
         if group_by not in (None, "class"):
             raise ValueError(f"group_by must be None or 'class', got {group_by!r}")
         if group_by == "class" and self.labels is None:
             raise ValueError("group_by='class' needs one label per item: pass the labels, not the dataset size")
+        self.num_replicas, self.rank = distributed_info(num_replicas, rank)
+        check_mini_group(batch_size, mini_group, self.num_replicas)
         self.batch_size = int(batch_size)
         self.mini_group = int(mini_group)
-        # The groups the loss sees: torch.split(batch, mini_group) gives one group when mini_group >= batch.
-        self.group_size = min(self.mini_group, self.batch_size)
+        self.global_batch_size = self.batch_size * self.num_replicas
+        # The groups the loss sees: torch.split(global batch, mini_group) is one group when mini_group >= it.
+        self.group_size = min(self.mini_group, self.global_batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.group_by = group_by
-        self.num_replicas, self.rank = distributed_info(num_replicas, rank)
         self.epoch = 0
         self._skip = 0  # batches of the next iteration already done (set when resuming mid-epoch)
         self.sampler = _RankIndexSampler(self)
@@ -218,18 +257,21 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         return [int(c) for c in counts]
 
     def _num_units(self) -> tuple[int, int]:
-        """(number of shuffling units in an epoch, units per batch); a unit is an index or a group."""
+        """(number of shuffling units in an epoch, units per global batch); a unit is an index or a group."""
         if self.group_by is None:
-            return self.num_samples, self.batch_size
+            return self.num_samples, self.global_batch_size
         rounding = math.floor if self.drop_last else math.ceil
         groups = sum(rounding(c / self.group_size) for c in self._class_counts())
-        return groups, self.batch_size // self.group_size
+        return groups, self.global_batch_size // self.group_size
 
     def _num_batches_per_rank(self) -> int:
         units, per_batch = self._num_units()
+        full = units // per_batch
         if self.drop_last:
-            return units // per_batch // self.num_replicas
-        return math.ceil(units / (per_batch * self.num_replicas))
+            return full
+        if self.group_by is not None:  # padded to full batches
+            return math.ceil(units / per_batch)
+        return full + int(units - full * per_batch >= self.num_replicas)  # the smaller last batch
 
     def __len__(self) -> int:
         return self._num_batches_per_rank()
@@ -261,14 +303,18 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         return groups_arr
 
     def epoch_batches(self) -> list[list[int]]:
-        """All ranks' batches of the current epoch, in order; rank r gets batches r, r+R, r+2R, ..."""
+        """The global batches of the current epoch, in order (what one process with
+        ``batch_size x num_replicas`` trains on); rank r takes the r-th slice of each."""
         units = self._units(self._rng())
         _, per_batch = self._num_units()
-        total = self._num_batches_per_rank() * self.num_replicas * per_batch
-        # Drop the tail, or pad by cycling from the start of the epoch's order.
-        units = units[:total] if self.drop_last else np.resize(units, (total, *units.shape[1:]))
+        full = len(units) // per_batch * per_batch
+        if self.drop_last:
+            units = units[:full]
+        elif self.group_by is not None:  # pad by cycling from the start of the epoch's order
+            units = np.resize(units, (self._num_batches_per_rank() * per_batch, *units.shape[1:]))
         flat = units.reshape(-1)
-        return [flat[i : i + self.batch_size].tolist() for i in range(0, len(flat), self.batch_size)]
+        size = self.global_batch_size
+        return [flat[i : i + size].tolist() for i in range(0, len(flat), size)]
 
     def __iter__(self) -> Iterator[list[int]]:
         # The skip is taken when the iterator is created (not lazily), so a resumed epoch skips
@@ -277,11 +323,14 @@ class MiniGroupBatchSampler(Sampler[list[int]]):
         return self._iter_batches(skip)
 
     def _iter_batches(self, skip: int) -> Iterator[list[int]]:
-        batches = self.epoch_batches()
-        positions = range(self.rank, len(batches), self.num_replicas)
-        for pos in list(positions)[skip:]:
-            batch = SeededBatch(batches[pos])
+        batches = self.epoch_batches()[: self._num_batches_per_rank()]
+        for pos in range(skip, len(batches)):
+            whole = batches[pos]
+            share = len(whole) // self.num_replicas  # batch_size, or floor(rest / R) for the last one
+            start = self.rank * share
+            batch = SeededBatch(whole[start : start + share])
             batch.seed = batch_seed(self.seed, self.epoch, pos)
+            batch.augment_seeds, batch.mask_seeds = image_seeds(self.seed, self.epoch, pos, range(start, start + share))
             yield batch
 
 

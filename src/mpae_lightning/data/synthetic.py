@@ -401,6 +401,8 @@ class SyntheticPartsDataModule(PartDataModule):
         mask_size: Side of the ground-truth masks.
         occlusion_prob: Probability that an image has an occluding background blob.
         val_fraction: Share of the training split held out for validation instead of the ``val`` split.
+        drop_last: Drop the training images that do not fill a whole global batch (default: keep them
+            as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
     """
 
     def __init__(
@@ -419,6 +421,7 @@ class SyntheticPartsDataModule(PartDataModule):
         mask_size: int = 128,
         occlusion_prob: float = 0.3,
         val_fraction: float = 0.0,
+        drop_last: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -430,6 +433,7 @@ class SyntheticPartsDataModule(PartDataModule):
             image_size=image_size,
             mask_size=mask_size,
             val_fraction=val_fraction,
+            drop_last=drop_last,
         )
         self.save_hyperparameters()
         self.num_train = int(num_train)

@@ -104,22 +104,35 @@ class MPAELoss(nn.Module):
         self.vgg.resolve()
 
     def map_terms(
-        self, similarity: torch.Tensor, local_features: torch.Tensor, descriptors: torch.Tensor
+        self, similarity: torch.Tensor, local_features: torch.Tensor, descriptors: torch.Tensor,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """The terms that need only the part map: some fifty small kernels, compiled by :meth:`compile_regions`."""
         return {
             "distribution": self.distribution(similarity),
-            "presence": self.presence(similarity),
+            "presence": self.presence(similarity, gather),
             "semantic": self.semantic(similarity, local_features, descriptors),
         }
 
-    def forward(self, output: MPAEOutput) -> dict[str, torch.Tensor]:
-        """Every term (unweighted, with the parts a term reports) and the weighted ``total``."""
+    def forward(
+        self, output: MPAEOutput, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every term (unweighted, with the parts a term reports) and the weighted ``total``.
+
+        Args:
+            output: the model's forward on a batch.
+            gather: under DDP, :func:`~mpae_lightning.losses.gather.gather_with_grad`, so that the
+                presence loss's mini-groups are cut from the global batch (training only: every
+                process must call it the same number of times). Every other term is a mean over
+                the process's images, which DDP's gradient average turns into the global mean.
+        """
         self.resolve()  # an offline failure comes before the forward's work, with one clear line
-        map_terms = self._compiled_map_terms or self.map_terms
+        # A collective inside a compiled region would break its graph: gathering runs the eager terms.
+        map_terms = self._compiled_map_terms if gather is None and self._compiled_map_terms else self.map_terms
         values = {
             "restoration": self.restoration(output.restored, output.target),
-            **map_terms(output.similarity, output.local_features, output.descriptors),
+            **map_terms(output.similarity, output.local_features, output.descriptors,
+                        **({"gather": gather} if gather is not None else {})),
         }
         losses: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None

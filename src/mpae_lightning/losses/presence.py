@@ -1,6 +1,8 @@
 """L_p: background at the borders of every image, every foreground part in every mini-group."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,14 @@ class MiniGroupPresenceLoss(nn.Module):
     with M the spatial peaks of the pooled foreground maps; the loss is
     ``mean(a) + mean(b)`` over chunks.
 
+    Under DDP the batch is the global one. Given ``gather`` (the training step passes
+    :func:`~mpae_lightning.losses.gather.gather_with_grad`), the peaks of all processes are
+    gathered whenever this process's batch is not a whole number of groups (a group spans
+    processes, or the epoch's smaller last batch), and the loss of the whole global batch is
+    computed on each process; otherwise every group lies inside one process, each process holds
+    the same number of groups, and the local loss is already the right share of the global one
+    (DDP's average of the local losses is the global loss), with no communication.
+
     Args:
         mini_group: chunk size (8 for single-category data, 64 for multi-category).
     """
@@ -47,8 +57,16 @@ class MiniGroupPresenceLoss(nn.Module):
             raise ValueError(f"mini_group must be >= 1, got {mini_group}")
         self.mini_group = mini_group
 
-    def forward(self, similarity: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, similarity: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         peaks = pooled_part_peaks(similarity[:, :-1]).flatten(2).amax(dim=2)  # (B, K)
+        if gather is not None and peaks.shape[0] % self.mini_group != 0:
+            peaks = gather(peaks)  # the global batch's peaks, in its order
+        return self.from_peaks(peaks)
+
+    def from_peaks(self, peaks: torch.Tensor) -> torch.Tensor:
+        """The loss from the (B, K) spatial peaks of the pooled foreground maps."""
         # The whole chunks as one (chunks, mini_group, K) tensor, the smaller last chunk apart:
         # a fixed handful of kernels whatever the batch (a loop over chunks launches ~6 per chunk).
         full = peaks.shape[0] // self.mini_group * self.mini_group
@@ -74,8 +92,10 @@ class PresenceLoss(nn.Module):
         self.background = BackgroundPresenceLoss()
         self.foreground = MiniGroupPresenceLoss(mini_group)
 
-    def forward(self, similarity: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, similarity: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         background = self.background(similarity)
-        foreground = self.foreground(similarity)
+        foreground = self.foreground(similarity, gather)
         return {"presence": background + foreground, "presence_background": background,
                 "presence_foreground": foreground}

@@ -8,10 +8,12 @@ from mpae_lightning.metrics.evaluation import (
     count_foreground_parts,
     keypoint_part_labels,
     mask_part_labels,
+    upsampled_foreground,
 )
 from mpae_lightning.metrics.keypoint_regression import (
     KeypointRegression,
     keypoint_frame,
+    isotropic_scale,
     keypoint_regression_error,
     part_centroids,
 )
@@ -39,6 +41,7 @@ __all__ = [
     "count_foreground_parts",
     "foreground_iou",
     "foreground_iou_from_contingency",
+    "isotropic_scale",
     "keypoint_frame",
     "keypoint_part_labels",
     "keypoint_regression_error",
@@ -47,4 +50,5 @@ __all__ = [
     "part_ari",
     "part_centroids",
     "part_nmi",
+    "upsampled_foreground",
 ]

@@ -38,7 +38,15 @@ __all__ = [
     "count_foreground_parts",
     "keypoint_part_labels",
     "mask_part_labels",
+    "upsampled_foreground",
 ]
+
+#: How ``MaskPartMetrics`` computes the foreground IoU: ``"upsample_to_mask"`` upsamples the part
+#: probabilities it is given for it (the native patch-grid map in ``mpae test``) bilinearly with
+#: ``align_corners=True`` to the mask size and takes the argmax (PDiscoFormer's
+#: ``engine/eval_fg_bg.py``); ``"eval_map"`` takes the argmax of the evaluation map against the
+#: mask resized to it with nearest, the pixels NMI/ARI are computed on.
+FgIoUProtocol = Literal["upsample_to_mask", "eval_map"]
 
 
 def _check_part_probs(part_probs: Tensor, min_channels: int = 2) -> None:
@@ -172,6 +180,28 @@ def mask_part_labels(
         else:
             pred = _resize_nearest(pred, tuple(mask.shape[-2:]))
     return {"pred": pred.reshape(-1), "target": mask.reshape(-1).long()}
+
+
+def upsampled_foreground(part_probs: Tensor, size: tuple[int, int]) -> Tensor:
+    """Foreground prediction at ``size`` as PDiscoFormer's ``engine/eval_fg_bg.py`` computes it.
+
+    The part probabilities are upsampled bilinearly with ``align_corners=True`` to ``size`` (in at
+    least float32), the argmax is taken over the K+1 channels and a pixel is foreground when it is
+    not the background (last) channel.
+
+    Args:
+        part_probs: ``(B, K+1, h, w)`` part probabilities, background last (PDiscoFormer upsamples
+            its patch-grid map).
+        size: ``(height, width)`` of the ground-truth mask.
+
+    Returns:
+        ``(B, height, width)`` bool.
+    """
+    _check_part_probs(part_probs)
+    maps = part_probs if part_probs.dtype in (torch.float32, torch.float64) else part_probs.float()
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=True)
+    return maps.argmax(dim=1) != part_probs.shape[1] - 1
 
 
 def count_foreground_parts(part_probs: Tensor) -> Tensor:
@@ -308,20 +338,26 @@ class MaskPartMetrics(_PartEvaluation):
 
     ``compute()`` returns a dict of 0-d float64 tensors: ``nmi``, ``ari``, ``fg_iou`` and
     ``bg_iou`` (x100) and ``parts_per_image`` (see :class:`PartCount`). ``fg_iou`` is the
-    foreground IoU of PDiscoFormer: any non-background part against any non-background mask
-    label, intersection and union summed over the whole split; ``bg_iou`` is its complement's.
+    foreground IoU: any non-background part against any non-background mask label,
+    intersection and union summed over the whole split (``BinaryJaccardIndex``); ``bg_iou`` is
+    its complement's. By default both are computed as PDiscoFormer does (``fg_iou_protocol``).
 
     Args:
-        num_mask_labels: number of ground-truth mask labels (background included).
+        num_mask_labels: number of ground-truth mask labels (background included, last).
         num_parts: K, the number of foreground parts (the model's ``num_parts``); the
             part maps must have K+1 channels, background last.
         ignore_index: mask value to leave out of the scores (e.g. 255), if any.
-        resolution: ``"map"`` compares at the part-map size (mask resized with
+        resolution: where NMI/ARI compare: ``"map"`` at the part-map size (mask resized with
             nearest, the authors' protocol); ``"mask"`` at the mask size.
+        fg_iou_protocol: ``"upsample_to_mask"`` (default, PDiscoFormer's): the map passed to
+            ``update`` as ``grid_probs`` (else ``part_probs``) is upsampled bilinearly with
+            ``align_corners=True`` to the mask size, then argmax; ``"eval_map"``: the argmax of
+            ``part_probs`` against the mask resized to it with nearest (the NMI/ARI pixels).
         kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
     contingency: Tensor
+    fg_bg_table: Tensor
 
     def __init__(
         self,
@@ -329,28 +365,53 @@ class MaskPartMetrics(_PartEvaluation):
         num_parts: int,
         ignore_index: int | None = None,
         resolution: Literal["map", "mask"] = "map",
+        fg_iou_protocol: FgIoUProtocol = "upsample_to_mask",
         **kwargs: Any,
     ) -> None:
         super().__init__(num_mask_labels, num_parts, **kwargs)
         if resolution not in ("map", "mask"):
             raise ValueError(f"`resolution` must be 'map' or 'mask', got {resolution!r}")
+        if fg_iou_protocol not in ("upsample_to_mask", "eval_map"):
+            raise ValueError(f"`fg_iou_protocol` must be 'upsample_to_mask' or 'eval_map', got {fg_iou_protocol!r}")
         self.num_mask_labels = num_mask_labels
         self.ignore_index = ignore_index
         self.resolution = resolution
+        self.fg_iou_protocol = fg_iou_protocol
+        # (truth, prediction) x (foreground, background): the pixel counts of the foreground IoU
+        self.add_state("fg_bg_table", default=torch.zeros(2, 2, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, part_probs: Tensor, mask: Tensor) -> None:
-        """Accumulate one batch; arguments as :func:`mask_part_labels`."""
+    def update(self, part_probs: Tensor, mask: Tensor, grid_probs: Tensor | None = None) -> None:
+        """Accumulate one batch.
+
+        Args:
+            part_probs: ``(B, K+1, H, W)`` evaluation map, background last (NMI/ARI, part count).
+            mask: ``(B, h, w)`` or ``(B, 1, h, w)`` integer ground-truth labels, background last.
+            grid_probs: ``(B, K+1, h', w')`` the map ``fg_iou_protocol="upsample_to_mask"``
+                upsamples (``mpae test``: the native patch-grid probabilities, as PDiscoFormer);
+                ``None`` upsamples ``part_probs``.
+        """
         self._check_channels(part_probs)
         labels = mask_part_labels(part_probs, mask, self.resolution)
         self.contingency += contingency_table(
             labels["pred"], labels["target"], self.num_mask_labels, self.num_channels, self.ignore_index
         )
+        if self.fg_iou_protocol == "upsample_to_mask":
+            source = part_probs if grid_probs is None else grid_probs
+            self._check_channels(source)
+            mask = mask[:, 0] if mask.ndim == 4 else mask
+            pred_bg = (~upsampled_foreground(source, tuple(mask.shape[-2:]))).long()
+            truth = mask.to(pred_bg.device).long()
+            if self.ignore_index is not None:
+                keep = truth != self.ignore_index
+                truth, pred_bg = truth[keep], pred_bg[keep]
+            self.fg_bg_table += contingency_table(pred_bg, (truth == self.num_mask_labels - 1).long(), 2, 2)
         PartCount.update(self, part_probs)
 
     def compute(self) -> dict[str, Tensor]:
+        fg_table = self.fg_bg_table if self.fg_iou_protocol == "upsample_to_mask" else self.contingency
         return {
             "nmi": 100 * nmi_from_contingency(self.contingency),
             "ari": 100 * ari_from_contingency(self.contingency),
-            **{k: 100 * v for k, v in foreground_iou_from_contingency(self.contingency).items()},
+            **{k: 100 * v for k, v in foreground_iou_from_contingency(fg_table).items()},
             "parts_per_image": PartCount.compute(self),
         }

@@ -7,7 +7,10 @@ Fine-grained Recognition via Region Grouping"):
    map's pixel indices, scaled to input pixels. A part is *active* in an image when
    its probability exceeds 0.5 somewhere.
 2. Centroids and keypoints are normalised per image: by the object's bounding box
-   (CUB: ``(p - box_xy) / box_wh``) or by the inter-ocular distance (CelebA).
+   (CUB: ``(p - box_xy) / box_wh``) or by the inter-ocular distance (CelebA). PDiscoNet's
+   CelebA images are resized isotropically (shorter side S), so before normalising, the
+   coordinates of the S×S input can be mapped to that frame (``coordinate_scale``,
+   :func:`isotropic_scale`).
 3. For each keypoint separately, on the fitting (training) images where it is
    visible: centroids are standardised (mean and std over those images), inactive
    parts are set to 0 (the mean), the keypoint is standardised, and a linear map
@@ -32,7 +35,7 @@ from torchmetrics import Metric
 
 from mpae_lightning.metrics.evaluation import _check_num_parts, _check_part_channels
 
-__all__ = ["KeypointRegression", "keypoint_frame", "keypoint_regression_error", "part_centroids"]
+__all__ = ["KeypointRegression", "isotropic_scale", "keypoint_frame", "keypoint_regression_error", "part_centroids"]
 
 Normalization = Literal["bbox", "interocular", "image"]
 _STAT_NAMES = ("valid", "x_sum", "x_sq", "count", "y_sum", "aa", "ab", "bb", "ay", "by", "a_sum", "b_sum")
@@ -63,6 +66,17 @@ def part_centroids(
     y = (probs.sum(dim=3) * rows).sum(dim=2) / mass * (height / h)
     x = (probs.sum(dim=2) * cols).sum(dim=2) / mass * (width / w)
     return torch.stack([x, y], dim=-1), probs.amax(dim=(2, 3)) > threshold
+
+
+def isotropic_scale(width: float, height: float) -> Tensor:
+    """``(2,)`` float64 factors ``(W, H) / min(W, H)``: from pixels of the S×S squashed input to
+    PDiscoNet's isotropic CelebA frame (the original image resized to shorter side S).
+
+    A point ``(x, y)`` of the W×H original is ``(x·S/W, y·S/H)`` in the squashed input and
+    ``(x·S/m, y·S/m)`` (``m = min(W, H)``) in the isotropic frame; the ratio is ``(W/m, H/m)``.
+    """
+    side = min(width, height)
+    return torch.tensor([width / side, height / side], dtype=torch.float64)
 
 
 def keypoint_frame(
@@ -267,15 +281,29 @@ class KeypointRegression(Metric):
         self._solution: dict[str, Tensor] | None = None
 
     def _normalised(
-        self, part_probs: Tensor, keypoints: Tensor, image_size: int | tuple[int, int], boxes: Tensor | None
+        self,
+        part_probs: Tensor,
+        keypoints: Tensor,
+        image_size: int | tuple[int, int],
+        boxes: Tensor | None,
+        coordinate_scale: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         _check_part_channels(part_probs, self.num_parts)
-        if keypoints.shape != (part_probs.shape[0], self.num_keypoints, 2):
+        batch = part_probs.shape[0]
+        if keypoints.shape != (batch, self.num_keypoints, 2):
             raise ValueError(
-                f"expected keypoints of shape ({part_probs.shape[0]}, {self.num_keypoints}, 2), got {tuple(keypoints.shape)}"
+                f"expected keypoints of shape ({batch}, {self.num_keypoints}, 2), got {tuple(keypoints.shape)}"
             )
         centroids, active = part_centroids(part_probs, image_size, self.threshold)
         kp = keypoints.to(device=centroids.device, dtype=torch.float64)
+        if coordinate_scale is not None:
+            if tuple(coordinate_scale.shape) != (batch, 2):
+                got = tuple(coordinate_scale.shape)
+                raise ValueError(f"`coordinate_scale` must have shape ({batch}, 2), got {got}")
+            factor = coordinate_scale.to(device=centroids.device, dtype=torch.float64)
+            centroids, kp = centroids * factor[:, None], kp * factor[:, None]
+            if boxes is not None:
+                boxes = boxes.to(device=centroids.device, dtype=torch.float64) * factor.repeat(1, 2)
         origin, scale = keypoint_frame(kp, image_size, self.normalization, boxes, self.interocular)
         norm = lambda p: (p - origin[:, None]) / scale[:, None]  # noqa: E731
         return norm(centroids), active, norm(kp)
@@ -288,6 +316,7 @@ class KeypointRegression(Metric):
         image_size: int | tuple[int, int],
         boxes: Tensor | None = None,
         split: Literal["fit", "eval"] = "eval",
+        coordinate_scale: Tensor | None = None,
     ) -> None:
         """Accumulate one batch of the fitting split (``split="fit"``) or, after :meth:`fit`, of
         the evaluated split.
@@ -299,10 +328,13 @@ class KeypointRegression(Metric):
             image_size: input side S or ``(height, width)``.
             boxes: ``(B, 4)`` object boxes (x, y, w, h in input pixels) for ``normalization="bbox"``.
             split: ``"fit"`` or ``"eval"``.
+            coordinate_scale: ``(B, 2)`` per-image factors ``(sx, sy)`` applied to centroids,
+                keypoints and boxes before normalising: the frame the error is measured in
+                (CelebA: :func:`isotropic_scale`, PDiscoNet's isotropic resize); ``None``: the input.
         """
         if split not in ("fit", "eval"):
             raise ValueError(f"`split` must be 'fit' or 'eval', got {split!r}")
-        centroids, active, kp = self._normalised(part_probs, keypoints, image_size, boxes)
+        centroids, active, kp = self._normalised(part_probs, keypoints, image_size, boxes, coordinate_scale)
         vis = torch.ones(kp.shape[:2], dtype=torch.bool, device=kp.device) if visible is None else visible.to(kp.device)
         if split == "fit":
             if self._solution is not None:

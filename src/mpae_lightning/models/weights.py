@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -51,6 +52,15 @@ def unreadable_reason(err: BaseException) -> str:
         current = current.__cause__ or current.__context__
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     return f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
+
+
+def load_tensor_file(path: str | os.PathLike) -> object:
+    """``torch.load`` a file with ``weights_only=True``, memory-mapped when its format allows.
+
+    Memory mapping (no full copy in RAM) works for the zip format ``torch.save`` writes since
+    PyTorch 1.6; older files (some released checkpoints) are read whole. Never runs code.
+    """
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def load_state_dict_file(path: str | os.PathLike, setting: str) -> dict[str, torch.Tensor]:
