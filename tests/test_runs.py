@@ -197,6 +197,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resumes(tmp_path):
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 4
     assert [Path(p).name for p in _ckpts(tmp_path)] == ["last.ckpt"]
+    assert _temps(tmp_path) == []  # the next good save removed the killed save's partial file
 
 
 # ------------------------------------------------------------------------------ a save every epoch

@@ -615,6 +615,17 @@ def _check_folder(path: Path) -> None:
     )
 
 
+def _check_is_ours(config: Any, where: str) -> None:
+    """Refuse a config.json that is not an object carrying our format marker."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}/{CONFIG_NAME} holds a {type(config).__name__}, not an object of settings")
+    if config.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{where}/{CONFIG_NAME} is not an MPAE config (\"format\" is {config.get('format')!r}, expected {FORMAT!r}); "
+            "pass a folder written by save_pretrained or `mpae convert`"
+        )
+
+
 def _read_config_file(file: str, where: str) -> dict[str, Any]:
     """config.json as an object of settings with our format marker (JSON only: nothing else is parsed)."""
     try:
@@ -625,13 +636,7 @@ def _read_config_file(file: str, where: str) -> dict[str, Any]:
             f"{where}/{CONFIG_NAME} is not valid JSON ({one_line(err)}); the folder is damaged or not one written by "
             "save_pretrained: write it again"
         ) from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{where}/{CONFIG_NAME} holds a {type(config).__name__}, not an object of settings")
-    if config.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{where}/{CONFIG_NAME} is not an MPAE config (\"format\" is {config.get('format')!r}, expected {FORMAT!r}); "
-            "pass a folder written by save_pretrained or `mpae convert`"
-        )
+    _check_is_ours(config, where)
     return config
 
 
@@ -641,13 +646,7 @@ def _checked_config(config: Any, where: str, names: list[str]) -> dict[str, Any]
 
     if config is None:
         raise CheckpointError(f"{where} has no {CONFIG_NAME}; pass a folder written by save_pretrained or `mpae convert`")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{where}/{CONFIG_NAME} holds a {type(config).__name__}, not an object of settings")
-    if config.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{where}/{CONFIG_NAME} is not an MPAE config (\"format\" is {config.get('format')!r}, expected {FORMAT!r}); "
-            "pass a folder written by save_pretrained or `mpae convert`"
-        )
+    _check_is_ours(config, where)
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         raise CheckpointError(

@@ -10,6 +10,7 @@ with it, and to check output folders before anything is built.
 from __future__ import annotations
 
 import errno
+import glob
 import importlib
 import os
 import re
@@ -578,6 +579,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, target)
             tmp = None
+            # Partial files of earlier saves of this target that a SIGKILL or power loss left behind:
+            # the target just written supersedes them (one process writes a given checkpoint).
+            for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+                try:
+                    os.remove(stale)
+                except OSError:
+                    pass
         except BaseException as err:  # noqa: BLE001 - any failure (or a signal) removes the partial file
             if tmp is not None:
                 try:
