@@ -16,8 +16,8 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from .data.base import load_rgb
 from .data.samplers import EvalShardSampler
-from .runs import rank_zero_log_dir
 from .metrics.keypoint_regression import KeypointRegression
+from .runs import rank_zero_log_dir
 from .visualize import (
     MIN_PANEL,
     label_grid,
@@ -223,6 +223,9 @@ class PartPredictionWriter(BasePredictionWriter):
         out.mkdir(parents=True, exist_ok=True)
         labels, num_parts = prediction["labels"], prediction["num_parts"]
         paths = prediction.get("path") or [None] * labels.shape[0]
+        title = None
+        if pl_module is not None:  # which checkpoint, epoch and score (K = num_parts - 1 foreground parts)
+            title = picture_title(*describe_model(trainer, pl_module), num_parts=num_parts - 1)
         for i in range(labels.shape[0]):
             stem = prediction_stem(int(prediction["index"][i]), paths[i])
             image, normalized = batch["image"][i].detach().cpu(), True
@@ -230,9 +233,6 @@ class PartPredictionWriter(BasePredictionWriter):
                 image, normalized = pil_to_tensor(load_rgb(str(paths[i]))).float() / 255.0, False
             size = tuple(image.shape[-2:]) if self.resolution == "original" else tuple(labels.shape[-2:])
             part_ids = resize_labels(labels[i].numpy(), size)  # type: ignore[arg-type]
-            title = None
-            if pl_module is not None:  # which checkpoint, epoch and score (K = num_parts - 1 foreground parts)
-                title = picture_title(*describe_model(trainer, pl_module), num_parts=num_parts - 1)
             self.files_written += len(write_part_files(out, stem, part_ids, num_parts, image, normalized, title))
             self.images_written += 1
 

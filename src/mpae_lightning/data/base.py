@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..metrics.keypoint_regression import isotropic_scale
 from .resumable import ResumableDataLoader
 from .samplers import EvalShardSampler, MiniGroupBatchSampler, check_mini_group
 from .transforms import eval_transform, scale_keypoints, squash_resize, train_transform
@@ -269,7 +270,7 @@ class ImageRecordDataset(Dataset):
             vis = rec.visible if rec.visible is not None else np.ones(len(rec.keypoints), dtype=bool)
             item["visible"] = torch.as_tensor(np.asarray(vis, dtype=bool))
             if self.isotropic_scale:
-                item["isotropic_scale"] = torch.tensor([width, height], dtype=torch.float64) / min(width, height)
+                item["isotropic_scale"] = isotropic_scale(width, height)
         if rec.box is not None:
             # Corner and size scale like keypoints (x by S/W, y by S/H).
             item["box"] = scale_keypoints(np.asarray(rec.box, dtype=np.float64).reshape(2, 2), width, height,

@@ -345,8 +345,7 @@ class MPAE(nn.Module):
                 result is float32 either way). Measured: 99.2 % of a 128x128 map's labels equal
                 float32's (full-size model, random weights, CPU; ``benchmarks/RESULTS.md``, change 13).
         """
-        low = low_precision_dtype(dtype)
-        logits = self.encode_parts(images, backbone_tokens, float32_head=True, dtype=low).logits
+        logits = self.encode_parts(images, backbone_tokens, float32_head=True, dtype=dtype).logits
         return self.part_probabilities(logits, scale_factor)
 
     def part_probabilities(self, logits: torch.Tensor, scale_factor: float | None = None) -> torch.Tensor:
