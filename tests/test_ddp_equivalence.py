@@ -17,11 +17,13 @@ against two sums of 8 averaged; the all-gather changes no value): ~1e-16 relativ
 gradient that does not flow back through the gather, a rank-dependent random draw or a wrong
 normalisation each move the weights by more than 1e-4 (checked for the first).
 
-Why not float32: its reduction noise (~1e-7 of the summands) is not small relative to gradients
-that are sums of cancelling terms (LayerNorm biases, the attention key bias, whose exact gradient
-is 0), and Adam divides every gradient by its own RMS, so after 4 steps such tensors differ by up
-to ~1e-2 relative (the whole set of weights by ~4e-5) between *any* two float32 runs that sum in
-another order, e.g. 1 process of 16 against 2 of 8 with no mini-group spanning processes.
+Why not float32: there the runs differ by what any change of summation order does to this
+objective, which is not small. The VGG penalty's gradient jumps where a max-pooling window's
+two largest values swap or a restored feature crosses its target's (one swap among 131,072
+windows moved it by ~1 %), float32 rounding decides near-ties, and Adam scales each weight's step by its own gradient, so after 4 steps one
+process differs from itself with its forward cut into chunks by 1.5e-5 to 1.9e-5 of the weights'
+norm (``benchmarks/float32_reorder.py``), and 2 or 4 processes from one by 7.0e-6 and 1.3e-5
+(``docs/defaults.md``, "How close in float32").
 """
 from __future__ import annotations
 
