@@ -280,3 +280,19 @@ def test_out_is_refused_where_it_means_nothing(trained_ckpt, tmp_path, capsys):
     line = _error(capsys, ["test", f"--ckpt_path={ckpt}", "--data=mpae_lightning.data.SyntheticPartsDataModule",
                            "--out", str(tmp_path / "x")])
     assert "--out" in line and "mpae predict" in line, line
+
+
+def test_predict_reads_a_folder_as_the_checkpoints_training_data(tmp_path):
+    """A checkpoint trained without antialiasing (CelebA's ``input_antialias: false``) makes an image folder
+    read that way when the command line does not say otherwise; saying so wins."""
+    from inference_utils import make_mixed_images, save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "plain.ckpt", input_antialias=False)
+    make_mixed_images(tmp_path / "images")
+    common = [f"--ckpt_path={ckpt}", "--data=ImageFolderDataModule", f"--data.init_args.root={tmp_path / 'images'}",
+              "--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false", f"--out={tmp_path / 'out'}"]
+    cli = MPAECLI(args=["predict", *common])
+    assert cli.datamodule.input_antialias is False and cli.model.input_antialias is False
+    assert cli.datamodule.predict_dataset.squash
+    cli = MPAECLI(args=["predict", *common, "--data.init_args.input_antialias=true"])
+    assert cli.datamodule.input_antialias is True and cli.model.input_antialias is True

@@ -86,6 +86,22 @@ def test_official_pth_with_its_backbone_stored(official, tmp_path, capsys):
     assert torch.equal(loaded.model.feature_proj.weight, official["state"]["compress_layer.weight"])
 
 
+def test_the_config_data_section_decides_how_inputs_are_resized(official, tmp_path, capsys):
+    """A CelebA config's data class reads images without antialiasing (its default), so the converted
+    model records it and predicts that way (``input_antialias`` in config.json and the card)."""
+    config = yaml.safe_load(official["config"].read_text())
+    config["data"] = {"class_path": "mpae_lightning.data.CelebADataModule",
+                      "init_args": {"root": str(tmp_path), "image_size": 112}}
+    path = tmp_path / "celeba.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "celeba"
+    code, _, err = _run(capsys, "convert", str(official["pth"]), "--config", str(path), "--out", str(out))
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["input_antialias"] is False
+    assert "without antialiasing" in (out / "README.md").read_text()
+    assert MPAEModule.from_pretrained(out).input_antialias is False
+
+
 def test_official_backbone_left_out_when_it_is_the_public_one(official, tmp_path, capsys):
     out = tmp_path / "public"
     code, stdout, err = _run(capsys, "convert", str(official["pth"]), "--config", str(official["config"]),

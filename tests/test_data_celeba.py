@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mpae_lightning.data import CelebADataModule, DatasetFormatError
+from mpae_lightning.data import CelebADataModule, DatasetFormatError, ImageReadError
 from mpae_lightning.data.celeba import default_celeba_list
 from mpae_lightning.data.transforms import denormalize
 
@@ -208,6 +208,23 @@ def test_test_items_match_a_direct_squash_within_a_grey_level(tmp_path, shape):
     assert np.abs(got - _bilinear_reference(pixels, 28)).max() <= 1.01
 
 
+def test_input_antialias_true_reads_celeba_with_torchvisions_resize(tmp_path):
+    """``input_antialias`` defaults to False (the authors' squash, above); True antialiases, on both splits."""
+    from mpae_lightning.data.transforms import eval_transform
+
+    root = tmp_path / "celeba"
+    (root / "img_celeba").mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (218, 178, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "img_celeba" / "000002.png")
+    (root / "lm.txt").write_text("000002.png," + ",".join(["5.0"] * 10) + "\n")
+    assert _dm(root).input_antialias is False
+    dm = _dm(root, train_list=str(root / "lm.txt"), test_list=str(root / "lm.txt"), input_antialias=True)
+    dm.setup("fit")
+    assert torch.equal(dm.test_dataset[0]["image"], eval_transform(28)(Image.fromarray(pixels)))
+    assert np.abs(_to_pixels(dm.test_dataset[0]["image"]) - _bilinear_reference(pixels, 28)).max() > 20
+    assert not dm.train_dataset.squash
+
+
 def test_items_carry_the_isotropic_frame_and_squashed_leaves_it_out(data_celeba_root):
     batch = next(iter(_loader(_dm(data_celeba_root))))
     # 100x50 original: (W, H) / min(W, H) = (2, 1); 32x32: (1, 1)
@@ -275,3 +292,18 @@ def test_kpr_fit_set_bad_annotation_is_named(data_celeba_root):
     (data_celeba_root / "list_bbox_celeba.txt").write_text("1\nimage_id x_1 y_1 width height\n000007.jpg 1 1 50 50\n")
     with pytest.raises(DatasetFormatError, match=r"list_landmarks_unalign_celeba.txt has no line for 000020.jpg"):
         _dm(data_celeba_root).build_keypoint_fit_dataset()
+
+
+def test_kpr_fit_set_names_the_line_and_every_unreadable_image(data_celeba_root):
+    _write_mafl(data_celeba_root, data_celeba_root, {"000007.jpg": (1, 1, 50, 50), "000013.jpg": (1, 1, 40, 40),
+                                                     "000016.jpg": (1, 1, 30, 40)})
+    (data_celeba_root / "MAFL_training.txt").write_text("000007.jpg\n\n000020.jpg\n")
+    with pytest.raises(DatasetFormatError, match=r"has no line for 000020.jpg, listed in .*MAFL_training.txt line 3$"):
+        _dm(data_celeba_root).build_keypoint_fit_dataset()
+    (data_celeba_root / "MAFL_training.txt").write_text("000007.jpg\n000013.jpg\n000016.jpg\n")
+    for name in ("000007.jpg", "000016.jpg"):
+        (data_celeba_root / "img_celeba" / name).write_bytes(b"not an image")
+    with pytest.raises(ImageReadError, match=r"2 of 3 images listed in .*MAFL_training.txt cannot be read") as err:
+        _dm(data_celeba_root).build_keypoint_fit_dataset()
+    assert "000007.jpg (UnidentifiedImageError)" in str(err.value) and "000016.jpg" in str(err.value)
+    assert "000013.jpg" not in str(err.value)

@@ -10,6 +10,7 @@ from PIL import Image
 from mpae_lightning.cli import main
 from mpae_lightning.data import DatasetFormatError
 from test_data_celeba import _dm as celeba_dm
+from test_data_celeba import _write_mafl as write_mafl
 from test_data_celeba import make_fake_celeba
 from test_data_cub import _dm as cub_dm
 from test_data_cub import make_fake_cub
@@ -133,3 +134,96 @@ def test_check_data_passes_good_data_and_names_annotation_problems(tmp_path, cap
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "part_locs.txt line 1" in err and len([x for x in err.splitlines() if "mpae: error:" in x]) == 1
+
+
+# ------------------------------------------------------------- mpae check-data: CelebA KPR fitting set
+def _celeba_args(root, *extra) -> list[str]:
+    return ["check-data", "--data=mpae_lightning.data.CelebADataModule", f"--data.init_args.root={root}",
+            f"--data.init_args.train_list={root / 'train_lm.txt'}",
+            f"--data.init_args.test_list={root / 'test_lm.txt'}",
+            "--data.init_args.image_size=28", "--data.init_args.batch_size=4", "--data.init_args.mini_group=2",
+            "--data.init_args.num_workers=0", "--no_progress", *extra]
+
+
+def _run(args, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    out, err = capsys.readouterr()
+    return stop.value.code, out, err
+
+
+def test_check_data_reads_the_celeba_mafl_fit_set_and_names_its_problems(tmp_path, capsys):
+    root = make_fake_celeba(tmp_path / "celeba")
+    # 000007.jpg (60x80) and 000016.jpg (40x60) have faces over 30 %; 000013.jpg (50x50) does not
+    write_mafl(root, root / "Anno", {"000007.jpg": (10, 10, 40, 36), "000013.jpg": (0, 0, 30, 24),
+                                     "000016.jpg": (5, 5, 30, 24)})
+    code, out, err = _run(_celeba_args(root), capsys)
+    assert code == 0, err
+    assert "KPR fitting set (MAFL): 2 item(s) read as well" in out  # 4 train + 2 test + 2 fitting images
+    assert "all 8 items of splits train, val, test read fine" in out and "not found" not in out
+    # the fitting set is read at test time only
+    code, out, _ = _run(_celeba_args(root, "--splits", "train"), capsys)
+    assert code == 0 and "all 4 items" in out and "KPR" not in out
+
+    # a malformed annotation line: file and line named
+    bbox = root / "Anno" / "list_bbox_celeba.txt"
+    good_bbox = bbox.read_text()
+    bbox.write_text(good_bbox + "000020.jpg 1 2 three 4\n")
+    code, _, err = _run(_celeba_args(root), capsys)
+    assert code == 2 and "1 problem(s) in 6 items" in err, err
+    assert "KPR fitting set (MAFL): " in err
+    assert "list_bbox_celeba.txt line 6: expected an image name and 4 numbers" in err
+    bbox.write_text(good_bbox)
+
+    # an image the list selects is missing: file and image named
+    (root / "MAFL_training.txt").write_text("000007.jpg\n000013.jpg\n000016.jpg\n000099.jpg\n")
+    code, _, err = _run(_celeba_args(root), capsys)
+    assert code == 2 and "1 of 4 images listed in" in err and "MAFL_training.txt" in err and "000099.jpg" in err, err
+    (root / "MAFL_training.txt").write_text("000007.jpg\n000013.jpg\n000016.jpg\n")
+
+    # a selected image whose data is cut (its header, hence its size, still reads) is listed with
+    # every item that reads it; one whose header is cut already fails the face-box filter
+    image = root / "img_celeba" / "000016.jpg"
+    noise = np.random.default_rng(0).integers(0, 255, (60, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image, "JPEG")
+    image.write_bytes(image.read_bytes()[: image.stat().st_size * 7 // 10])
+    code, _, err = _run(_celeba_args(root), capsys)
+    assert code == 2 and "1 problem(s) in 8 items" in err, err
+    assert "000016.jpg" in err and "(train[2], KPR fitting set (MAFL)[1])" in err
+    image.write_bytes(b"not an image")
+    code, _, err = _run(_celeba_args(root), capsys)
+    assert code == 2 and "2 problem(s) in 6 items" in err, err
+    assert "KPR fitting set (MAFL): 1 of 3 images listed in" in err and "000016.jpg (UnidentifiedImageError)" in err
+
+
+def test_check_data_notes_missing_mafl_files_without_failing(tmp_path, capsys):
+    root = make_fake_celeba(tmp_path / "celeba")
+    code, out, err = _run(_celeba_args(root), capsys)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "note:" in line]
+    assert len(notes) == 1, out
+    for word in ["MAFL_training.txt, list_landmarks_unalign_celeba.txt, list_bbox_celeba.txt not found in",
+                 str(root), "Anno/ or MAFL/", f"training list {root / 'train_lm.txt'}", "fit_list"]:
+        assert word in notes[0], (word, notes[0])
+    assert "all 6 items" in out
+    # partly there: CelebADataModule falls back the same way (a warning, not an error), and so does the note
+    write_mafl(root, root / "MAFL", {"000007.jpg": (10, 10, 40, 36)})
+    (root / "MAFL" / "list_landmarks_unalign_celeba.txt").unlink()
+    code, out, err = _run(_celeba_args(root), capsys)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "list_landmarks_unalign_celeba.txt not found in" in notes[0], out
+    assert "MAFL_training.txt, list_bbox_celeba.txt found" in notes[0] and "not an error" in notes[0]
+    with pytest.warns(UserWarning, match="list_landmarks_unalign_celeba.txt not found"):
+        assert len(celeba_dm(root).build_keypoint_fit_dataset()) == 4  # what the note says KPR will do
+
+
+def test_check_data_reads_an_explicit_fit_list(tmp_path, capsys):
+    root = make_fake_celeba(tmp_path / "celeba")
+    fit = root / "fit_lm.txt"
+    fit.write_text((root / "train_lm.txt").read_text().splitlines()[0] + "\n")
+    code, out, err = _run(_celeba_args(root, f"--data.init_args.fit_list={fit}"), capsys)
+    assert code == 0 and f"KPR fitting set {fit}: 1 item(s)" in out and "not found" not in out, err
+    fit.write_text("000007.jpg,1,2\n")
+    code, _, err = _run(_celeba_args(root, f"--data.init_args.fit_list={fit}"), capsys)
+    assert code == 2 and "fit_lm.txt line 1: expected 'name,x1,y1,...,x5,y5'" in err, err

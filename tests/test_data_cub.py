@@ -174,3 +174,16 @@ def test_grayscale_and_cmyk_images_load_as_rgb(data_cub_root):
     assert dm.test_dataset[0]["image"].shape == (3, 28, 28)
     assert dm.test_dataset[1]["image"].shape == (3, 28, 28)
     np.testing.assert_allclose(dm.test_dataset[0]["keypoints"][2].numpy(), [2.1, 1.4], atol=1e-5)
+
+
+def test_input_antialias_false_squashes_every_split(data_cub_root):
+    """Antialiased by default; ``input_antialias=False`` (a checkpoint trained that way) squashes train and test."""
+    from mpae_lightning.data.base import load_rgb
+    from mpae_lightning.data.transforms import input_transform
+
+    assert _dm(data_cub_root).input_antialias is True
+    dm = _dm(data_cub_root, input_antialias=False)
+    dm.setup()
+    assert dm.train_dataset.squash and dm.test_dataset.squash
+    item = dm.test_dataset[0]
+    assert torch.equal(item["image"], input_transform(28, antialias=False)(load_rgb(item["path"])))

@@ -151,3 +151,22 @@ def test_a_folder_of_only_unopenable_images_names_them(tmp_path):
     (root / "a.heic").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match=r"contains no images.*skipped 1 file\(s\) that Pillow cannot open: a.heic"):
         _dm(root).files()
+
+
+def test_input_antialias_false_reads_images_as_the_authors_celeba_loader(tmp_path):
+    """``input_antialias=False`` squashes every split without antialiasing; the default antialiases."""
+    import numpy as np
+    import torch
+
+    from mpae_lightning.data.transforms import input_transform
+
+    root = tmp_path / "noise"
+    root.mkdir()
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    image.save(root / "a.png")
+    for antialias in (False, True):
+        dm = ImageFolderDataModule(str(root), image_size=28, batch_size=1, mini_group=1, num_workers=0,
+                                   input_antialias=antialias)
+        dm.setup("predict")
+        assert dm.input_antialias is antialias
+        assert torch.equal(dm.predict_dataset[0]["image"], input_transform(28, antialias)(image))

@@ -226,3 +226,11 @@ def test_other_number_of_categories_updates_num_mask_labels(tmp_path):
         dm.setup("test")
     assert dm.num_mask_labels == 4
     assert dm.test_dataset[0]["mask"].max().item() == 3
+
+
+def test_input_antialias_false_squashes_every_split(data_partimagenet):
+    root, variant = data_partimagenet
+    assert _dm(root, variant).input_antialias is True
+    dm = _dm(root, variant, input_antialias=False)
+    dm.setup()
+    assert dm.train_dataset.squash and dm.test_dataset.squash

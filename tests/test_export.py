@@ -137,6 +137,13 @@ def test_onnx_graph_holds_only_the_inference_weights(trained, onnx_export):
     meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["mpae.num_parts"] == str(module.model.num_parts)
     assert meta["mpae.image_size"] == str(module.model.image_size)
+    assert "bilinear with antialiasing" in meta["mpae.input_resize"]  # the module's input_antialias
+
+
+def test_metadata_says_how_to_resize_for_a_model_trained_without_antialiasing(trained):
+    _, module = trained
+    meta = PartsPredictor(module.model, input_antialias=False).metadata()
+    assert "without antialiasing" in meta["mpae.input_resize"]
 
 
 # ------------------------------------------------------------------------------------ torch.export

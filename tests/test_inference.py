@@ -117,3 +117,22 @@ def test_bad_inputs_are_named(loaded, tmp_path):
         loaded.predict_images(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(TypeError, match="predict_parts"):
         loaded.predict_images(torch.zeros(1, 3, 56, 56))
+
+
+def test_images_are_resized_as_the_checkpoints_training_data(tmp_path):
+    """A module trained on squashed, not antialiased, inputs (``input_antialias=False``, CelebA) predicts on
+    inputs resized the same way; the setting travels in the checkpoint."""
+    from mpae_lightning.data.transforms import input_transform
+
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (150, 110, 3), dtype=np.uint8))
+    module = MPAEModule.load_from_checkpoint(save_tiny_checkpoint(tmp_path / "plain.ckpt", input_antialias=False))
+    assert module.input_antialias is False
+    size = module.model.image_size
+    got = module.predict_images(image)[0].probabilities
+    with torch.no_grad():
+        module.eval()
+        squashed = module.model.predict_parts(input_transform(size, antialias=False)(image)[None])[0]
+        smoothed = module.model.predict_parts(input_transform(size)(image)[None])[0]
+    assert torch.equal(got, squashed)
+    assert not torch.allclose(squashed, smoothed, atol=1e-4)
+    assert MPAEModule(**TINY_PREDICTOR).input_antialias is True  # the default: torchvision's resize

@@ -21,7 +21,7 @@ from mpae_lightning.models import WeightsUnavailableError
 PYTHON_ONLY = {"vgg_features", "backbone_module"}
 #: The module's own settings (optimiser, initial weights, checkpoints, compilation).
 OWN_SETTINGS = {"lr", "weight_decay", "milestones", "gamma", "gradient_clip_val", "weights", "frozen_weights_in_checkpoint",
-                "compile", "predict_precision"}
+                "compile", "predict_precision", "input_antialias"}
 #: A torchvision VGG source is only read on first use: modules that never compute the loss build fast and offline.
 LAZY_VGG = {**TINY_MODULE, "vgg_weights": "torchvision"}
 VGG_PREFIX = FROZEN_PARTS["vgg"][0]
@@ -145,6 +145,10 @@ def test_setup_refuses_data_that_disagrees_on_linked_settings(tmp_path):
     with pytest.raises(ValueError, match=r"model.mini_group=2 but data.mini_group=4"):
         _trainer(tmp_path).fit(module, datamodule=_data(mini_group=4))
     assert module.global_step == 0
+    # how images are resized too: a model for CelebA's squashed inputs must not train on antialiased ones
+    module = MPAEModule(**TINY_MODULE, input_antialias=False)
+    with pytest.raises(ValueError, match=r"model.input_antialias=False but data.input_antialias=True"):
+        _trainer(tmp_path).fit(module, datamodule=_data())
 
 
 # --------------------------------------------------------------------------- training and logging

@@ -246,3 +246,22 @@ def test_resuming_reads_checkpoints_without_running_code(tmp_path):
     good = tmp_path / "good.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, good)
     assert torch.equal(io.load_checkpoint(good)["state_dict"]["w"], torch.ones(2))
+
+
+def test_linked_data_settings_take_the_data_class_defaults():
+    """What the CLI would link from a data section: given values, else the data class's own defaults."""
+    from mpae_lightning.lightning_module import LINKED_FROM_DATA
+    from mpae_lightning.runs import linked_data_settings
+
+    celeba = {"class_path": "mpae_lightning.data.CelebADataModule", "init_args": {"root": "x"}}
+    assert linked_data_settings(celeba, LINKED_FROM_DATA) == {"image_size": 224, "mini_group": 8, "input_antialias": False}
+    folder = {"class_path": "ImageFolderDataModule", "init_args": {"root": "x", "image_size": 112, "input_antialias": False}}
+    assert linked_data_settings(folder, LINKED_FROM_DATA)["input_antialias"] is False
+    cub = {"class_path": "mpae_lightning.data.CUBDataModule", "init_args": {"root": "x"}}
+    assert linked_data_settings(cub, LINKED_FROM_DATA) == {"image_size": 448, "mini_group": 8, "input_antialias": True}
+    # an unknown class: only what the section says
+    assert linked_data_settings({"class_path": "nowhere.Data", "init_args": {"mini_group": 4}}, LINKED_FROM_DATA) == {
+        "mini_group": 4}
+    assert linked_data_settings(None, LINKED_FROM_DATA) == {}
+    # a data class's default never overrides what the model section sets itself
+    assert linked_data_settings(cub, LINKED_FROM_DATA, {"image_size": 224}) == {"mini_group": 8, "input_antialias": True}

@@ -7,12 +7,17 @@ seconds to minutes and reports all problems at once::
     mpae check-data --config configs/partimagenet_seg.yaml --splits train test
 
 It reads only the ``data`` section of the config (no model is built, nothing is downloaded).
-Exit code 0 when everything reads, 2 when anything is bad.
+With ``test`` among the splits it also reads CelebA's KPR fitting set (``fit_list``, or MAFL's
+training list when its three files are in the dataset folder); when they are missing, a note
+says which and what KPR fits on instead. Exit code 0 when everything reads (notes are not
+problems), 2 when anything is bad.
 """
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import yaml
@@ -49,30 +54,43 @@ def _first(batch: list[Any]) -> Any:
     return batch[0]
 
 
-def check_datamodule(datamodule: PartDataModule, splits: list[str], progress: bool = True) -> tuple[int, list[str]]:
-    """Read every item of ``splits`` (each distinct source once); return (items read, problems).
+def check_datamodule(
+    datamodule: PartDataModule, splits: list[str], progress: bool = True, notes: list[str] | None = None
+) -> tuple[int, list[str]]:
+    """Read every item of ``splits`` (each distinct source once) and of the DataModule's
+    :meth:`~mpae_lightning.data.base.PartDataModule.check_data_extras`; return (items read, problems).
 
     Annotation problems (a split that cannot be listed) count as one problem each; image and
     per-item annotation problems (unreadable file, size mismatch, bad mask) one per item.
+    Informational lines (not problems) are appended to ``notes`` when it is given.
     """
     problems: list[str] = []
     where: dict[str, list[str]] = {}  # message -> items it concerns (splits may share files)
     total = 0
     seen: set[int] = set()
-    for split in splits:
+    extras, extra_notes = datamodule.check_data_extras(list(splits))
+    if notes is not None:
+        notes += extra_notes
+    sources: list[tuple[str, Callable[[], Dataset], bool]] = [
+        (split, partial(datamodule.dataset, split), False) for split in splits  # type: ignore[arg-type]
+    ] + [(name, build, True) for name, build in extras]
+    for name, build, extra in sources:
         try:
-            dataset = datamodule.dataset(split)  # type: ignore[arg-type]
+            dataset = build()
         except Exception as err:  # noqa: BLE001 - listed, and the other splits are still checked
-            problems.append(f"{split}: {one_line(err)}")
+            problems.append(f"{name}: {one_line(err)}")
             continue
         if id(dataset) in seen:
             continue
         seen.add(id(dataset))
         loader = DataLoader(_Probe(dataset), batch_size=1, num_workers=datamodule.num_workers, collate_fn=_first)
-        for index, error in tqdm(loader, desc=f"check-data {split}", unit="img", disable=not progress, file=sys.stderr):
+        for index, error in tqdm(loader, desc=f"check-data {name}", unit="img", disable=not progress, file=sys.stderr):
             total += 1
             if error is not None:
-                where.setdefault(error, []).append(f"{split}[{index}]")
+                where.setdefault(error, []).append(f"{name}[{index}]")
+        if extra and notes is not None:
+            count = len(dataset)  # type: ignore[arg-type]
+            notes.append(f"{name}: {count} item(s) read as well (included in the count)")
     problems += [f"{message} ({', '.join(items)})" for message, items in where.items()]
     return total, problems
 
@@ -113,7 +131,10 @@ def check_data_main(argv: list[str]) -> int:
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
     cfg = parser.parse_args(_data_config_args(argv))
     datamodule = parser.instantiate_classes(cfg).data
-    total, problems = check_datamodule(datamodule, list(cfg.splits), progress=not cfg.no_progress)
+    notes: list[str] = []
+    total, problems = check_datamodule(datamodule, list(cfg.splits), progress=not cfg.no_progress, notes=notes)
+    for note in notes:
+        print(f"mpae check-data: note: {note}")
     if problems:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)

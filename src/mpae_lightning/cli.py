@@ -42,9 +42,9 @@ from .runs import (
     as_list,
     check_checkpoint_shapes,
     config_files,
+    find_class,
     given_in,
     given_settings,
-    import_class,
     preflight,
     read_config_file,
     resolve_checkpoint,
@@ -278,7 +278,7 @@ class MPAECLI(LightningCLI):
                 if name not in ("init_args", "class_path", "dict_kwargs", "help"):
                     given.append((section, name, "the command line"))
         for section, name, where in given:
-            cls = Trainer if section == "trainer" else _find_class(classes[section])
+            cls = Trainer if section == "trainer" else find_class(classes[section])
             known = _init_names(cls) if cls is not None else None
             if known is not None and name not in known:
                 prefix = section if section == "trainer" else f"{section}.init_args"
@@ -467,23 +467,9 @@ def no_default_hp_metric(config: Any) -> None:
 
     for logger in as_list(config["trainer"].get("logger")):
         init = logger.get("init_args") if hasattr(logger, "get") else None
-        cls = _find_class(logger.get("class_path")) if init is not None else None
+        cls = find_class(logger.get("class_path")) if init is not None else None
         if isinstance(cls, type) and issubclass(cls, TensorBoardLogger) and "default_hp_metric" in init:
             init["default_hp_metric"] = False
-
-
-def _find_class(class_path: str | None) -> type | None:
-    """The class a ``class_path`` (or a short name of one of ours) names, or None if unknown."""
-    if not class_path:
-        return None
-    for candidate in (class_path, f"mpae_lightning.{class_path}", f"mpae_lightning.data.{class_path}"):
-        if "." not in candidate:
-            continue
-        try:
-            return import_class(candidate)
-        except (ImportError, AttributeError, ValueError):
-            continue
-    return None
 
 
 def _init_names(cls: type) -> set[str] | None:

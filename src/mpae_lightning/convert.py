@@ -82,9 +82,9 @@ def _read_source(path: Path) -> tuple[str, Mapping[str, Any]]:
 
 
 def _config_settings(config: str | None) -> tuple[dict[str, Any], Any]:
-    """The model settings of a YAML config (the data section's image size and mini-group included) and its data section."""
+    """The model settings of a YAML config (the data section's linked settings included) and its data section."""
     from .lightning_module import LINKED_FROM_DATA
-    from .runs import read_config_file, section_settings
+    from .runs import linked_data_settings, read_config_file, section_settings
 
     if config is None:
         return {}, None
@@ -93,10 +93,7 @@ def _config_settings(config: str | None) -> tuple[dict[str, Any], Any]:
     data = read_config_file(config)
     settings = section_settings(data.get("model"))
     data_section = data.get("data")
-    for name in LINKED_FROM_DATA:
-        value = section_settings(data_section).get(name)
-        if value is not None:
-            settings[name] = value
+    settings.update(linked_data_settings(data_section, LINKED_FROM_DATA, settings))
     if settings.get("weights"):
         raise ConfigError(f"--config {config} sets model weights={settings['weights']}; the weights to convert are the "
                           "SOURCE argument: drop it from the config")

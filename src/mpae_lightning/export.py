@@ -53,9 +53,11 @@ class PartsPredictor(nn.Module):
         model: the MPAE to export (it must have its backbone).
         scale_factor: upsampling from the patch grid to the map (default: the model's
             ``eval_scale_factor``, i.e. ``eval_map_size``).
+        input_antialias: whether the caller should resize images with antialiasing (the module's
+            ``input_antialias``); only recorded in the metadata, the program takes S x S images.
     """
 
-    def __init__(self, model: MPAE, scale_factor: float | None = None) -> None:
+    def __init__(self, model: MPAE, scale_factor: float | None = None, input_antialias: bool = True) -> None:
         super().__init__()
         if model.backbone is None:
             raise ConfigError(
@@ -73,6 +75,7 @@ class PartsPredictor(nn.Module):
         self.image_size = int(model.image_size)
         self.num_parts = int(model.num_parts)
         self.scale_factor = scale
+        self.input_antialias = bool(input_antialias)  # how the caller must resize (the metadata says it)
         # A bound method holds no parameters, so the restorer does not become part of this module.
         self._part_probabilities = model.part_probabilities
 
@@ -108,6 +111,9 @@ class PartsPredictor(nn.Module):
             "mpae.image_size": str(self.image_size),
             "mpae.map_size": str(self.map_size),
             "mpae.input": "images (B, 3, S, S) float32, RGB in [0, 1] then normalised by ImageNet mean/std",
+            "mpae.input_resize": "to S x S ignoring the aspect ratio, bilinear "
+            + ("with antialiasing (torchvision's resize)" if self.input_antialias
+               else "without antialiasing (as OpenCV's cv2.resize INTER_LINEAR; the training data's resize)"),
             "mpae.imagenet_mean": json.dumps(list(IMAGENET_MEAN)),
             "mpae.imagenet_std": json.dumps(list(IMAGENET_STD)),
             "mpae.outputs": "parts (B, K+1, m, m) part probabilities, background last; labels (B, m, m) int64 argmax",
@@ -220,7 +226,7 @@ def export_parts_predictor(
             f"the model's weights are {', '.join(sorted(str(d) for d in dtypes))}; export takes a float32 model "
             "(model.float()), as checkpoints are"
         )
-    predictor = PartsPredictor(mpae, scale_factor)
+    predictor = PartsPredictor(mpae, scale_factor, input_antialias=bool(getattr(model, "input_antialias", True)))
     device = next(mpae.parameters()).device
     # Two example images: a batch of one could be specialised into the graph; the batch stays dynamic.
     example = (torch.zeros(2, 3, mpae.image_size, mpae.image_size, device=device),)
@@ -242,7 +248,7 @@ def export_parts_predictor(
 def untrained_module(config: str | None, backbone_weights: str | None = None) -> Any:
     """An ``MPAEModule`` with its initial weights, from the model (and data image size) of a config file."""
     from .lightning_module import LINKED_FROM_DATA, MPAEModule
-    from .runs import import_class, read_config_file, section_settings
+    from .runs import import_class, linked_data_settings, read_config_file, section_settings
 
     settings: dict[str, Any] = {}
     cls: type = MPAEModule
@@ -260,10 +266,7 @@ def untrained_module(config: str | None, backbone_weights: str | None = None) ->
             if not (isinstance(cls, type) and issubclass(cls, MPAEModule)):
                 raise ConfigError(f"{config}: model.class_path {class_path} is not an MPAEModule")
         settings = section_settings(model)
-        for name in LINKED_FROM_DATA:
-            value = section_settings(data.get("data")).get(name)
-            if value is not None:
-                settings[name] = value
+        settings.update(linked_data_settings(data.get("data"), LINKED_FROM_DATA, settings))
     if backbone_weights is not None:
         settings["backbone_weights"] = backbone_weights
     known = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}

@@ -2,9 +2,10 @@
 
 :meth:`MPAEModule.predict_images <mpae_lightning.MPAEModule.predict_images>` and ``mpae parts``
 are built on this. Every image is read as the datasets read it (:func:`~mpae_lightning.data.base.as_rgb`:
-any mode, EXIF orientation applied) and resized as evaluation resizes it
-(:func:`~mpae_lightning.data.transforms.eval_transform`: squashed to S x S, ImageNet-normalised),
-so a prediction equals ``model.predict_parts`` on what ``mpae test``/``mpae predict`` would feed it::
+any mode, EXIF orientation applied) and resized as the model's training data was
+(:func:`~mpae_lightning.data.transforms.input_transform`: squashed to S x S, without antialiasing
+where the module's ``input_antialias`` is False as for CelebA, ImageNet-normalised), so a
+prediction equals ``model.predict_parts`` on what ``mpae test``/``mpae predict`` would feed it::
 
     module = MPAEModule.load_from_checkpoint("runs/cub/checkpoints/last.ckpt")
     maps = module.predict_images(["bird.jpg", "photos/"], resolution="original")
@@ -23,7 +24,7 @@ from PIL import Image
 
 from .data.base import as_rgb, load_rgb
 from .data.image_folder import list_images
-from .data.transforms import eval_transform
+from .data.transforms import input_transform
 
 __all__ = ["ImageInput", "PartMaps", "PreparedImage", "expand_inputs", "predict_batches", "predict_images",
            "require_trained_weights"]
@@ -170,7 +171,7 @@ def predict_batches(
     require_trained_weights(module, untrained)
     items = expand_inputs(images)
     model = module.model
-    transform = eval_transform(model.image_size)
+    transform = input_transform(model.image_size, antialias=bool(getattr(module, "input_antialias", True)))
     dtype = model.feature_proj.weight.dtype  # the network's; autocast callers may pass other options
     device = next(model.parameters()).device
     options = dict(predict_options)

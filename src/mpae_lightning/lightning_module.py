@@ -20,7 +20,7 @@ from .pretrained import PretrainedMixin
 
 #: Settings the data section decides; the ``mpae`` CLI copies them from ``data.init_args`` and
 #: :meth:`MPAEModule.setup` checks them against a DataModule in Python.
-LINKED_FROM_DATA = ("image_size", "mini_group")
+LINKED_FROM_DATA = ("image_size", "mini_group", "input_antialias")
 
 #: Settings a trained checkpoint fixes: they decide the network's parameters or its function. Given
 #: differently next to a checkpoint (``--ckpt_path``, ``load_from_checkpoint(**kwargs)``) they are
@@ -100,8 +100,9 @@ class MPAEModule(LightningModule, PretrainedMixin):
     read ``model.safetensors`` + ``config.json`` + a model card.
 
     Precision, devices, DDP and accumulation come from the Trainer; the paper's gradient
-    clipping (norm 2.0) is the module's default, so a plain ``Trainer`` trains as the configs do. The frozen backbone and VGG stay in eval mode. Image size and
-    mini-group are normally linked from the DataModule by the ``mpae`` CLI; in Python they
+    clipping (norm 2.0) is the module's default, so a plain ``Trainer`` trains as the configs
+    do. The frozen backbone and VGG stay in eval mode. Image size, mini-group and
+    ``input_antialias`` are normally linked from the DataModule by the ``mpae`` CLI; in Python they
     are checked against the DataModule at ``setup``. Every setting is saved in the
     hyper-parameters, defaults included, so a checkpoint does not depend on today's defaults.
 
@@ -158,6 +159,10 @@ class MPAEModule(LightningModule, PretrainedMixin):
             ``MPAE.predict_parts(dtype=torch.bfloat16)``). Measured: 99.2 % of the 128x128 map's
             labels equal float32's, 2.9x faster on a CPU with AMX (full-size model, random
             weights; ``benchmarks/RESULTS.md``, change 13). Validation and test ignore it.
+        input_antialias: how :meth:`predict_images` (and ``mpae parts``) resize images to S x S:
+            antialiased (default) or bilinear without antialiasing, as the authors' CelebA loader.
+            The ``mpae`` CLI takes it from the data section (``CelebADataModule``: False), so a
+            checkpoint predicts on new images as its training data was read.
     """
 
     def __init__(
@@ -200,6 +205,7 @@ class MPAEModule(LightningModule, PretrainedMixin):
         frozen_weights_in_checkpoint: bool = True,
         compile: bool = False,
         predict_precision: Literal["32", "bf16"] = "32",
+        input_antialias: bool = True,
     ) -> None:
         super().__init__()
         # Whether the weights came from somewhere (checkpoint, pretrained folder, ``weights=``, a
@@ -617,6 +623,11 @@ class MPAEModule(LightningModule, PretrainedMixin):
 
     # -------------------------------------------------------------- prediction
     @property
+    def input_antialias(self) -> bool:
+        """Whether :meth:`predict_images` resizes images with antialiasing (setting ``input_antialias``)."""
+        return bool(self.hparams.get("input_antialias", True))
+
+    @property
     def predict_dtype(self) -> torch.dtype | None:
         """The dtype prediction runs in after the backbone (``predict_precision``; None: float32)."""
         return PREDICT_PRECISIONS[self.hparams.get("predict_precision", "32")]
@@ -633,8 +644,9 @@ class MPAEModule(LightningModule, PretrainedMixin):
         """The parts of image files, folders, PIL images or (H, W, 3) uint8 arrays, one
         :class:`~mpae_lightning.inference.PartMaps` per image, in order.
 
-        Any size and mode is read and resized as evaluation does (RGB, squashed to S x S,
-        ImageNet-normalised), in batches on this module's device, in eval mode without gradients.
+        Any size and mode is read and resized as the training data was (RGB, squashed to S x S,
+        with or without antialiasing as ``input_antialias`` says, ImageNet-normalised), in
+        batches on this module's device, in eval mode without gradients.
         ``labels`` hold part ids 0..K-1 and K for the background (the last channel, as everywhere in
         MPAE); with ``resolution="original"`` they are resized (nearest) to each image's own size.
         See :func:`mpae_lightning.inference.predict_images`.

@@ -400,7 +400,8 @@ class PretrainedMixin(ModelHubMixin, **CARD_DATA):
         rows = [
             ("dataset", dataset or "not recorded (pass `dataset=` or `mpae convert --dataset`)"),
             ("K (foreground parts)", f"{k} (+ background, the last channel)"),
-            ("input size", f"{hp['image_size']} x {hp['image_size']}, ImageNet-normalised RGB"),
+            ("input size", f"{hp['image_size']} x {hp['image_size']}, ImageNet-normalised RGB, resized bilinearly "
+             + ("with antialiasing" if hp.get("input_antialias", True) else "without antialiasing (`input_antialias`)")),
             ("backbone", backbone_line),
             ("feature width C", str(hp["feature_dim"])),
             ("evaluation map", f"{hp['eval_map_size']} x {hp['eval_map_size']}" if hp.get("eval_scale_factor") is None

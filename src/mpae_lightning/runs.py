@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import glob
 import importlib
+import inspect
 import os
 import re
 import tempfile
@@ -33,7 +34,9 @@ __all__ = [
     "as_list",
     "check_checkpoint_shapes",
     "config_files",
+    "find_class",
     "import_class",
+    "linked_data_settings",
     "preflight",
     "resolve_checkpoint",
     "use_run_folder",
@@ -264,6 +267,40 @@ def import_class(class_path: str) -> type:
     """The class a config's ``class_path`` names."""
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def find_class(class_path: str | None) -> type | None:
+    """The class a ``class_path`` (or a short name of one of ours) names, or None if unknown."""
+    if not class_path:
+        return None
+    for candidate in (class_path, f"mpae_lightning.{class_path}", f"mpae_lightning.data.{class_path}"):
+        if "." not in candidate:
+            continue
+        try:
+            return import_class(candidate)
+        except (ImportError, AttributeError, ValueError):
+            continue
+    return None
+
+
+def linked_data_settings(data_section: Any, linked: tuple[str, ...], model_settings: Mapping[str, Any] | None = None
+                         ) -> dict[str, Any]:
+    """The ``linked`` settings a config's data section decides, as the CLI would link them.
+
+    A value the section gives; else, for a setting ``model_settings`` leaves out, its data
+    class's default where that class takes the setting (``CelebADataModule``'s
+    ``input_antialias`` is False, unlike the model's default).
+    """
+    given = section_settings(data_section)
+    cls = find_class(data_section.get("class_path")) if isinstance(data_section, Mapping) else None
+    params = inspect.signature(cls).parameters if cls is not None else {}
+    settings = {}
+    for name in linked:
+        if given.get(name) is not None:
+            settings[name] = given[name]
+        elif name in params and params[name].default is not inspect.Parameter.empty and name not in (model_settings or {}):
+            settings[name] = params[name].default
+    return settings
 
 
 def as_list(value: Any) -> list[Any]:

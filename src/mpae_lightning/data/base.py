@@ -322,6 +322,12 @@ class PartDataModule(LightningDataModule, ABC):
             ``False``, as the authors' ``DataLoader``: the rest make one last, smaller batch (under
             DDP split evenly over the processes, see
             :class:`~mpae_lightning.data.samplers.MiniGroupBatchSampler`).
+        input_antialias: How images are resized to S×S, on every split: antialiased
+            (torchvision's resize, the default) or bilinear without antialiasing
+            (:func:`~mpae_lightning.data.transforms.squash_resize`, the authors' CelebA loader).
+            The ``mpae`` CLI copies it into the model, whose checkpoints record it so that
+            prediction resizes as training did. Every data module here takes it
+            (``SyntheticPartsDataModule`` draws at S×S and has nothing to resize).
     """
 
     #: What validation runs on when ``val_fraction`` is 0.
@@ -339,6 +345,7 @@ class PartDataModule(LightningDataModule, ABC):
         mask_size: int = 128,
         val_fraction: float = 0.0,
         drop_last: bool = False,
+        input_antialias: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or mini_group < 1 or eval_batch_size < 1:
@@ -365,6 +372,7 @@ class PartDataModule(LightningDataModule, ABC):
         self.mask_size = int(mask_size)
         self.val_fraction = float(val_fraction)
         self.drop_last = bool(drop_last)
+        self.input_antialias = bool(input_antialias)
         self.has_keypoints = False
         self.has_masks = False
         self.num_keypoints = 0
@@ -386,6 +394,18 @@ class PartDataModule(LightningDataModule, ABC):
             f"{type(self).__name__} cannot hold out training images: set val_fraction to 0 "
             "or implement build_train_eval_dataset() in the DataModule"
         )
+
+    def check_data_extras(
+        self, splits: Sequence[str]
+    ) -> tuple[list[tuple[str, Callable[[], Dataset]]], list[str]]:
+        """What ``mpae check-data`` reads besides the datasets of ``splits``, and notes for the user.
+
+        Some data is read outside the splits (CelebA's KPR fitting set at test time), so a bad
+        file there would only show hours in. Returns ``(name, build)`` pairs, each ``build()``
+        making a dataset whose items are all read (a build that raises is one listed problem),
+        and informational lines (not problems: e.g. a fallback the run will take). Default: none.
+        """
+        return [], []
 
     def split_source(self, split: Split) -> Split:
         """The split whose data ``split`` reads; splits with the same source share one dataset object.

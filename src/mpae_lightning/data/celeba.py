@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 from .base import (
     DatasetFormatError,
+    ImageReadError,
     ImageRecord,
     ImageRecordDataset,
     PartDataModule,
@@ -138,22 +141,33 @@ def read_mafl_fit_records(
     """
     list_path, landmark_path, box_path = (files[name] for name in MAFL_FIT_FILES)
     with open(list_path, encoding="utf-8") as fh:
-        names = [line.split()[0] for line in fh if line.strip()]
+        listed = [(lineno, line.split()[0]) for lineno, line in enumerate(fh, 1) if line.strip()]
+    names = [name for _, name in listed]
     landmarks = _read_name_table(landmark_path, 2 * CELEBA_NUM_KEYPOINTS)
     boxes = _read_name_table(box_path, 4)
     paths = [os.path.join(image_dir, name) for name in names]
     check_files_exist(paths, list_path, image_dir)
-    records = []
-    for name, path in zip(names, paths):
+    records, unreadable = [], []
+    for (lineno, name), path in zip(listed, paths):
         for table, source in ((landmarks, landmark_path), (boxes, box_path)):
             if name not in table:
-                raise DatasetFormatError(f"{source} has no line for {name}, listed in {list_path}")
-        with Image.open(path) as img:
-            width, height = img.size
+                raise DatasetFormatError(f"{source} has no line for {name}, listed in {list_path} line {lineno}")
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (UnidentifiedImageError, OSError) as err:  # all of them in one message, like missing files
+            unreadable.append(f"{path} ({type(err).__name__})")
+            continue
         box = boxes[name]
         if box[2] * box[3] >= width * height * face_fraction:
             records.append(ImageRecord(path=path, keypoints=landmarks[name].reshape(-1, 2),
                                        visible=np.ones(CELEBA_NUM_KEYPOINTS, dtype=bool)))
+    if unreadable:
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        raise ImageReadError(
+            f"{len(unreadable)} of {len(names)} images listed in {list_path} cannot be read (their size decides "
+            f"the face-box filter): {', '.join(unreadable[:5])}{more}; replace them or remove their lines"
+        )
     if not records:
         raise DatasetFormatError(f"no image of {list_path} has a face box over {face_fraction:.0%} of the image")
     return records
@@ -198,6 +212,8 @@ class CelebADataModule(PartDataModule):
             vertical error weighs W/H times the horizontal one).
         fit_list: KPR fitting images in the ``name,x1,y1,...,x5,y5`` syntax, instead of PDiscoNet's
             MAFL fitting set read from the dataset folder.
+        input_antialias: Resize to S×S with antialiasing (True) or, as the authors' loader does on
+            every split, bilinear without it (False, the default; see :class:`PartDataModule`).
     """
 
     #: Keypoint regression error (KPR) divides by the inter-ocular distance (keypoints 0 and 1), as PDiscoNet.
@@ -220,6 +236,7 @@ class CelebADataModule(PartDataModule):
         drop_last: bool = False,
         kpr_coordinates: Literal["isotropic", "squashed"] = "isotropic",
         fit_list: str | None = None,
+        input_antialias: bool = False,
     ) -> None:
         if kpr_coordinates not in ("isotropic", "squashed"):
             raise ValueError(f"kpr_coordinates must be 'isotropic' or 'squashed', got {kpr_coordinates!r}")
@@ -234,6 +251,7 @@ class CelebADataModule(PartDataModule):
             mask_size=mask_size,
             val_fraction=val_fraction,
             drop_last=drop_last,
+            input_antialias=input_antialias,
         )
         self.save_hyperparameters()
         self.root = root
@@ -257,14 +275,14 @@ class CelebADataModule(PartDataModule):
 
     def _eval_dataset(self, records: list[ImageRecord]) -> ImageRecordDataset:
         isotropic = self.kpr_coordinates == "isotropic"
-        return ImageRecordDataset(records, self.image_size, train=False, squash=True, isotropic_scale=isotropic)
+        return ImageRecordDataset(records, self.image_size, train=False, squash=not self.input_antialias,
+                                  isotropic_scale=isotropic)
 
     def build_dataset(self, split: Split) -> ImageRecordDataset:
         if split == "train":
             path = self.train_list or default_celeba_list("train")
-            return ImageRecordDataset(
-                read_celeba_list(path, self._image_dir()), self.image_size, train=True, squash=True
-            )
+            return ImageRecordDataset(read_celeba_list(path, self._image_dir()), self.image_size, train=True,
+                                      squash=not self.input_antialias)
         path = self.test_list or default_celeba_list("test")
         return self._eval_dataset(read_celeba_list(path, self._image_dir()))
 
@@ -295,3 +313,34 @@ class CelebADataModule(PartDataModule):
             stacklevel=2,
         )
         return train
+
+    def check_data_extras(
+        self, splits: Sequence[str]
+    ) -> tuple[list[tuple[str, Callable[[], Dataset]]], list[str]]:
+        """With ``test`` among ``splits``, ``mpae check-data`` also reads the KPR fitting set (fitted at test time).
+
+        That is :meth:`build_keypoint_fit_dataset`'s set when it is ``fit_list`` or MAFL's. When
+        MAFL's files are missing, all or some (the fitting then falls back on the training list
+        with a warning, not an error), a note says which, where they were looked for and what
+        KPR fits on instead; the training list's images are the train split's.
+        """
+        if "test" not in splits:
+            return [], []
+        root = os.path.abspath(os.path.expanduser(self.root))
+        if not os.path.isdir(os.path.join(root, "img_celeba")):
+            return [], []  # every split already reports the missing folder
+        if self.fit_list:
+            return [(f"KPR fitting set {self.fit_list}", self.build_keypoint_fit_dataset)], []
+        found, missing = find_mafl_fit_files(root)
+        if not missing:
+            return [("KPR fitting set (MAFL)", self.build_keypoint_fit_dataset)], []
+        partly = (
+            f" ({', '.join(found)} found, but the MAFL set needs all three, so CelebADataModule falls back as when "
+            "none is there: a warning at test time, not an error)" if found else ""
+        )
+        train = self.train_list or default_celeba_list("train")
+        return [], [
+            f"KPR fitting set: {', '.join(missing)} not found in {root} nor in its Anno/ or MAFL/{partly}; KPR "
+            f"will be fitted on the training list {train} instead of PDiscoNet's MAFL fitting set, so its score "
+            "is not comparable with PDiscoNet's table. Add the missing files or pass fit_list."
+        ]

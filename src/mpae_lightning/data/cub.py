@@ -172,6 +172,8 @@ class CUBDataModule(PartDataModule):
             the test split (0: the test split, as the authors do; logged as ``val_on_test``).
         drop_last: Drop the training images that do not fill a whole global batch (default: keep them
             as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
+        input_antialias: Resize to S×S with antialiasing (default, the authors' CUB loader) or without
+            (see :class:`PartDataModule`); with ``--ckpt_path`` and not given, the checkpoint's value.
     """
 
     def __init__(
@@ -187,6 +189,7 @@ class CUBDataModule(PartDataModule):
         mask_size: int = 128,
         val_fraction: float = 0.0,
         drop_last: bool = False,
+        input_antialias: bool = True,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -199,6 +202,7 @@ class CUBDataModule(PartDataModule):
             mask_size=mask_size,
             val_fraction=val_fraction,
             drop_last=drop_last,
+            input_antialias=input_antialias,
         )
         self.save_hyperparameters()
         self.root = root
@@ -211,8 +215,11 @@ class CUBDataModule(PartDataModule):
 
     def build_dataset(self, split: Split) -> ImageRecordDataset:
         if split == "train":
-            return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=True)
-        return ImageRecordDataset(read_cub(self.root, "test"), self.image_size, train=False)
+            return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=True,
+                                      squash=not self.input_antialias)
+        return ImageRecordDataset(read_cub(self.root, "test"), self.image_size, train=False,
+                                  squash=not self.input_antialias)
 
     def build_train_eval_dataset(self) -> ImageRecordDataset:
-        return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=False)
+        return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=False,
+                                  squash=not self.input_antialias)

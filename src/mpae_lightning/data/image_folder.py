@@ -116,6 +116,9 @@ class ImageFolderDataModule(PartDataModule):
         mask_size: Unused (no masks); kept for a uniform interface.
         drop_last: Drop the training images that do not fill a whole global batch (default: keep them
             as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
+        input_antialias: Resize to S×S with antialiasing (default) or without, as the authors'
+            CelebA loader (see :class:`PartDataModule`). With ``--ckpt_path`` and not given, the
+            checkpoint's value is used, so a folder is read as the model's training data was.
     """
 
     #: Without a hold-out, validation runs on the training images (logged as ``val_on_train``).
@@ -134,6 +137,7 @@ class ImageFolderDataModule(PartDataModule):
         group_by: Literal["class"] | None = None,
         mask_size: int = 128,
         drop_last: bool = False,
+        input_antialias: bool = True,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -146,6 +150,7 @@ class ImageFolderDataModule(PartDataModule):
             mask_size=mask_size,
             val_fraction=val_fraction,
             drop_last=drop_last,
+            input_antialias=input_antialias,
         )
         self.save_hyperparameters()
         self.root = root
@@ -185,7 +190,8 @@ class ImageFolderDataModule(PartDataModule):
 
     def build_dataset(self, split: Split) -> ImageRecordDataset:
         # All images: with a hold-out, the base class splits "train" and the evaluation copy itself.
-        return ImageRecordDataset([ImageRecord(path=p) for p in self.files()], self.image_size, train=split == "train")
+        return ImageRecordDataset([ImageRecord(path=p) for p in self.files()], self.image_size,
+                                  train=split == "train", squash=not self.input_antialias)
 
     def build_train_eval_dataset(self) -> ImageRecordDataset:
         return self.build_dataset("val")

@@ -199,6 +199,8 @@ class PartImageNetDataModule(PartDataModule):
             of the test split (0: the test split, as the authors do; logged as ``val_on_test``).
         drop_last: Drop the training images that do not fill a whole global batch (default: keep them
             as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
+        input_antialias: Resize to S×S with antialiasing (default, the authors' loader) or without
+            (see :class:`PartDataModule`); with ``--ckpt_path`` and not given, the checkpoint's value.
     """
 
     def __init__(
@@ -215,6 +217,7 @@ class PartImageNetDataModule(PartDataModule):
         mask_size: int = 128,
         val_fraction: float = 0.0,
         drop_last: bool = False,
+        input_antialias: bool = True,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -227,6 +230,7 @@ class PartImageNetDataModule(PartDataModule):
             mask_size=mask_size,
             val_fraction=val_fraction,
             drop_last=drop_last,
+            input_antialias=input_antialias,
         )
         if variant not in ("ood", "seg"):
             raise ValueError(f"variant must be 'ood' or 'seg', got {variant!r}")
@@ -360,6 +364,7 @@ class PartImageNetDataModule(PartDataModule):
         classes = self._class_index()
         records = [ImageRecord(path=p, label=classes.get(_wnid(f), -1)) for p, f in zip(paths, parsed.file_names)]
         if train:
-            return ImageRecordDataset(records, self.image_size, train=True)
+            return ImageRecordDataset(records, self.image_size, train=True, squash=not self.input_antialias)
         mask_fn = _MaskFn(parsed, self.num_part_categories, self.mask_size)
-        return ImageRecordDataset(records, self.image_size, train=False, mask_fn=mask_fn)
+        return ImageRecordDataset(records, self.image_size, train=False, mask_fn=mask_fn,
+                                  squash=not self.input_antialias)

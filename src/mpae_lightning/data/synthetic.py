@@ -403,6 +403,8 @@ class SyntheticPartsDataModule(PartDataModule):
         val_fraction: Share of the training split held out for validation instead of the ``val`` split.
         drop_last: Drop the training images that do not fill a whole global batch (default: keep them
             as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
+        input_antialias: Unused (images are drawn at S×S, nothing is resized); kept for a uniform
+            interface (see :class:`PartDataModule`).
     """
 
     def __init__(
@@ -422,6 +424,7 @@ class SyntheticPartsDataModule(PartDataModule):
         occlusion_prob: float = 0.3,
         val_fraction: float = 0.0,
         drop_last: bool = False,
+        input_antialias: bool = True,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -434,6 +437,7 @@ class SyntheticPartsDataModule(PartDataModule):
             mask_size=mask_size,
             val_fraction=val_fraction,
             drop_last=drop_last,
+            input_antialias=input_antialias,
         )
         self.save_hyperparameters()
         self.num_train = int(num_train)

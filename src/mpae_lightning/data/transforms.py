@@ -13,6 +13,8 @@ the squash).
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ __all__ = [
     "IMAGENET_STD",
     "denormalize",
     "eval_transform",
+    "input_transform",
     "normalize",
     "scale_keypoints",
     "squash_resize",
@@ -67,6 +70,22 @@ def eval_transform(image_size: int) -> v2.Compose:
         image_size: Output side S.
     """
     return v2.Compose([v2.Resize((image_size, image_size)), *_to_normalized_tensor()])
+
+
+def input_transform(image_size: int, antialias: bool = True) -> v2.Compose | partial:
+    """PIL RGB image -> (3, S, S) network input, as evaluation reads it: :func:`eval_transform`,
+    after :func:`squash_resize` when ``antialias`` is False (the authors' CelebA input).
+
+    Why a setting: shrinking a large image with and without antialiasing gives visibly different
+    inputs, so prediction must resize as the model's training data did (``input_antialias`` of the
+    data modules and of :class:`~mpae_lightning.MPAEModule`).
+    """
+    transform = eval_transform(image_size)
+    return transform if antialias else partial(_squash_then, transform, image_size)
+
+
+def _squash_then(transform: v2.Compose, image_size: int, image: Image.Image) -> torch.Tensor:
+    return transform(squash_resize(image, image_size))
 
 
 def squash_resize(image: Image.Image, image_size: int) -> Image.Image:
