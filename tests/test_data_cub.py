@@ -27,6 +27,12 @@ def _part(img_id, part_id):
     return float(part_id), float(img_id + 0.5), 1
 
 
+def _segmentation(img_id, w, h):
+    """Soft 0-255 values, as several annotators' votes: many pixels at 1 or 2 (foreground: > 0)."""
+    rng = np.random.default_rng(img_id)
+    return rng.choice(np.array([0, 0, 0, 1, 2, 51, 128, 255], dtype=np.uint8), size=(h, w))
+
+
 def make_fake_cub(root, write_images=True):
     root.mkdir(parents=True, exist_ok=True)
     (root / "parts").mkdir(exist_ok=True)
@@ -45,6 +51,11 @@ def make_fake_cub(root, write_images=True):
             path = root / "images" / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (w, h), (10 * i, 50, 90)).save(path, "JPEG")
+    # the separate segmentations download: segmentations/<images.txt path>.png, 8-bit grey
+    for i, rel, _, _, w, h in _IMAGES:
+        path = root / "segmentations" / rel.replace(".jpg", ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_segmentation(i, w, h)).save(path)  # uint8 2-D: mode L
     return root
 
 
@@ -187,3 +198,96 @@ def test_input_antialias_false_squashes_every_split(data_cub_root):
     assert dm.train_dataset.squash and dm.test_dataset.squash
     item = dm.test_dataset[0]
     assert torch.equal(item["image"], input_transform(28, antialias=False)(load_rgb(item["path"])))
+
+
+# --------------------------------------------------------------------------- foreground masks
+def _expected_fg_mask(img_id, w, h, size):
+    """PDiscoFormer's CUB mask (value > 0 at the original size, ifam data_sets/cub_dataset_seg.py), then
+    a nearest squash to size x size with OpenCV's INTER_NEAREST rule (resizeNN: floor(i * (1 / scale)),
+    in double, clipped), re-typed pixel by pixel."""
+    seg = _segmentation(img_id, w, h)
+    out = np.zeros((size, size), dtype=bool)
+    for i in range(size):
+        sy = min(int(np.floor(i * (1.0 / (size / h)))), h - 1)
+        for j in range(size):
+            sx = min(int(np.floor(j * (1.0 / (size / w)))), w - 1)
+            out[i, j] = seg[sy, sx] > 0
+    return out
+
+
+def test_nearest_indices_follow_opencv():
+    from mpae_lightning.data.cub import nearest_indices
+
+    # 30 -> 28: i * 30 / 28 passes 15 exactly at i = 14, so source row 14 is skipped
+    assert nearest_indices(30, 28).tolist() == list(range(14)) + list(range(15, 29))
+    assert nearest_indices(2, 4).tolist() == [0, 0, 1, 1] and nearest_indices(5, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_eval_items_carry_the_foreground_mask(data_cub_root):
+    """``segmentations``: fg_mask (S, S) bool, value > 0 (not >= 128), squashed like the image; the rest unchanged."""
+    plain = _dm(data_cub_root)
+    assert plain.has_fg_masks is False
+    dm = _dm(data_cub_root, segmentations=str(data_cub_root / "segmentations"))
+    assert dm.has_fg_masks is True
+    dm.setup("test")
+    plain.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    reference = next(iter(plain.test_dataloader()))
+    assert "fg_mask" not in reference and "mask" not in batch
+    assert set(batch) == set(reference) | {"fg_mask"}
+    for key in ("image", "keypoints", "visible", "box", "index", "label"):
+        assert torch.equal(batch[key], reference[key]), key
+    assert batch["fg_mask"].shape == (2, 28, 28) and batch["fg_mask"].dtype == torch.bool
+    for b, (img_id, w, h) in enumerate([(1, 40, 30), (4, 20, 40)]):
+        expected = _expected_fg_mask(img_id, w, h, 28)
+        assert np.array_equal(batch["fg_mask"][b].numpy(), expected)
+        seg = _segmentation(img_id, w, h)
+        assert 0 < expected.mean() < 1 and (0 < seg).sum() > (seg >= 128).sum()  # the threshold matters here
+    # the folder that contains segmentations/ (e.g. the CUB root) is read the same
+    nested = _dm(data_cub_root, segmentations=str(data_cub_root))
+    nested.setup("test")
+    assert torch.equal(nested.test_dataset[1]["fg_mask"], batch["fg_mask"][1])
+    squashed = _dm(data_cub_root, segmentations=str(data_cub_root / "segmentations"), input_antialias=False)
+    squashed.setup("test")
+    assert torch.equal(squashed.test_dataset[0]["fg_mask"], batch["fg_mask"][0])  # same geometry either way
+
+
+def test_held_out_validation_images_carry_their_masks(data_cub_root):
+    dm = _dm(data_cub_root, segmentations=str(data_cub_root / "segmentations"), val_fraction=0.4)
+    dm.setup("fit")
+    sizes = {rel: (i, w, h) for i, rel, _, _, w, h in _IMAGES}
+    assert len(dm.val_dataset) == 1
+    item = dm.val_dataset[0]
+    img_id, w, h = next(v for rel, v in sizes.items() if item["path"].endswith(rel))
+    assert np.array_equal(item["fg_mask"].numpy(), _expected_fg_mask(img_id, w, h, 28))
+    assert "fg_mask" not in dm.train_dataset[0]  # training items carry the image only
+
+
+def test_missing_segmentation_names_the_file_in_one_line(data_cub_root):
+    missing = data_cub_root / "segmentations" / _IMAGES[3][1].replace(".jpg", ".png")
+    os.remove(missing)
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(data_cub_root, segmentations=str(data_cub_root / "segmentations")).setup("test")
+    message = str(err.value)
+    assert "\n" not in message and str(missing) in message and message.startswith("1 of 2 segmentation masks")
+    _dm(data_cub_root).setup("test")  # without the setting nothing is looked for
+    nowhere = data_cub_root / "no_such_folder"
+    with pytest.raises(FileNotFoundError, match=rf"CUB segmentations folder {nowhere} does not exist"):
+        _dm(data_cub_root, segmentations=str(nowhere)).setup("test")
+
+
+def test_unreadable_or_mismatched_segmentation_names_the_file(data_cub_root):
+    from mpae_lightning.data import ImageReadError
+
+    folder = data_cub_root / "segmentations"
+    bad = folder / _IMAGES[0][1].replace(".jpg", ".png")
+    bad.write_bytes(b"\x89PNG garbage")
+    other = folder / _IMAGES[3][1].replace(".jpg", ".png")
+    Image.new("L", (21, 40)).save(other)  # the image is 20x40
+    dm = _dm(data_cub_root, segmentations=str(folder))
+    dm.setup("test")
+    with pytest.raises(ImageReadError, match=rf"cannot read segmentation mask {bad}"):
+        dm.test_dataset[0]
+    with pytest.raises(DatasetFormatError, match=rf"segmentation mask {other} is 21x40 but its image is 20x40"):
+        dm.test_dataset[1]
+

@@ -172,6 +172,46 @@ def test_a_training_step_logs_every_term_of_the_table(tmp_path):
     assert torch.equal(module.model.backbone.vit.blocks[0].attn.qkv.weight, backbone_before)  # frozen
 
 
+def test_cub_segmentations_log_the_foreground_iou_as_pdiscoformer(tmp_path):
+    """CUBDataModule(segmentations=...): test and validation log fg_iou / bg_iou next to the keypoint
+    scores, equal to PDiscoFormer's eval_fg_bg.py on the patch-grid maps test_step returns."""
+    import numpy as np
+    from PIL import Image
+
+    from mpae_lightning.cli import score_table
+    from mpae_lightning.data import CUBDataModule
+    from test_data_cub import _IMAGES, make_fake_cub
+    from test_metrics import _pdiscoformer_fg_bg_iou
+
+    root = make_fake_cub(tmp_path / "CUB_200_2011")
+    rng = np.random.default_rng(0)
+    for _, rel, _, _, w, h in _IMAGES:  # textured images, so the random model's parts vary over the image
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / rel, "JPEG")
+    data = CUBDataModule(root=str(root), image_size=56, batch_size=2, mini_group=2, eval_batch_size=1, num_workers=0,
+                         segmentations=str(root / "segmentations"))
+    torch.manual_seed(0)
+    module = MPAEModule(**TINY_MODULE)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Keep(lightning.pytorch.Callback):
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            seen.append((outputs["grid_probs"].clone(), batch["fg_mask"].clone()))
+
+    scores = _trainer(tmp_path, callbacks=[Keep()]).test(module, datamodule=data, verbose=False)[0]
+    assert {"test/keypoint_nmi", "test/fg_iou", "test/bg_iou"} <= scores.keys()
+    assert not any(k.startswith("test/mask_") for k in scores)  # no part masks on CUB
+    grids, masks = zip(*seen)
+    assert len(grids) == 2 and grids[0].shape == (1, 4, 4, 4) and masks[0].shape == (1, 56, 56)  # 4x4 patch grid
+    fg, bg = _pdiscoformer_fg_bg_iou(grids, masks, module.model.num_parts)
+    assert abs(scores["test/fg_iou"] / 100 - fg) < 1e-5 and abs(scores["test/bg_iou"] / 100 - bg) < 1e-5
+    assert 0.05 < fg < 0.95 and 0.05 < bg < 0.95  # neither all foreground nor all background
+    table = score_table(scores)
+    assert f"foreground IoU (object masks)  {scores['test/fg_iou']:8.2f}" in table
+    assert f"background IoU (object masks)  {scores['test/bg_iou']:8.2f}" in table
+    validated = _trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]
+    assert {"val_on_test/keypoint_nmi", "val_on_test/fg_iou", "val_on_test/bg_iou"} <= validated.keys()
+
+
 def test_validation_masking_noise_is_fixed_by_the_sample_index():
     module = MPAEModule(**LAZY_VGG)
     images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))

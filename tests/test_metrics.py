@@ -8,6 +8,7 @@ from sklearn.metrics import adjusted_rand_score, jaccard_score, normalized_mutua
 
 from mpae_lightning.metrics import (
     ForegroundIoU,
+    ForegroundMaskMetrics,
     KeypointPartMetrics,
     MaskPartMetrics,
     PartARI,
@@ -351,6 +352,33 @@ def test_foreground_iou_as_pdiscoformer_computes_it(ignore_index):
     at_map = MaskPartMetrics(num_mask_labels=labels, num_parts=k, fg_iou_protocol="eval_map")
     at_map.update(grids[0], torch.randint(0, labels - 1, (5, 20, 22), generator=g))
     assert at_map.compute()["fg_iou"].item() != out["fg_iou"].item()
+
+
+def test_foreground_mask_metrics_as_pdiscoformer_computes_it_on_cub():
+    """Binary object masks (CUB's segmentations): the grid map upsampled to the mask, as eval_fg_bg.py."""
+    g = torch.Generator().manual_seed(11)
+    k = 3
+    metric = ForegroundMaskMetrics(num_parts=k)
+    grids, masks = [], []
+    for batch in (4, 1, 3):  # uneven batches: the counts are pooled, not averaged per batch
+        grid = torch.softmax(3 * torch.randn(batch, k + 1, 5, 5, generator=g), dim=1)
+        mask = torch.rand(batch, 23, 23, generator=g) < 0.4
+        mask[:, 8:15, 6:18] = True  # a bird in the middle
+        metric.update(grid, mask if batch != 1 else mask.long()[:, None])  # bool, or 0/1 with a channel axis
+        grids.append(grid)
+        masks.append(mask)
+    fg, bg = _pdiscoformer_fg_bg_iou(grids, masks, k)
+    out = metric.compute()
+    assert set(out) == {"fg_iou", "bg_iou"} and out["fg_iou"].dtype == torch.float64
+    assert abs(out["fg_iou"].item() / 100 - fg) < 1e-5 and abs(out["bg_iou"].item() / 100 - bg) < 1e-5
+    assert 0.05 < fg < 0.95 and 0.05 < bg < 0.95
+    assert metric.contingency.sum() == sum(m.numel() for m in masks)
+    with pytest.raises(ValueError, match=r"binary foreground mask \(0/1\), got values up to 255; threshold"):
+        metric.update(grids[0], masks[0].long() * 255)
+    with pytest.raises(ValueError, match=rf"part_probs has {k + 1} channels but num_parts={k + 1}"):
+        ForegroundMaskMetrics(num_parts=k + 1).update(grids[0], masks[0])
+    with pytest.raises(ValueError, match=r"`fg_mask` must have shape \(B, H, W\) with B=4"):
+        metric.update(grids[0], masks[1])
 
 
 def test_upsampled_foreground_uses_align_corners():

@@ -236,3 +236,11 @@ def test_wrong_paths_settings_and_unreachable_hub_ids_are_refused(tmp_path, offl
     with pytest.raises(WeightsUnavailableError, match="neither a local folder nor a Hub model") as caught:
         MPAEModule.from_pretrained("someone/mpae-nothing-here", local_files_only=True)
     assert "\n" not in str(caught.value)
+
+
+def test_card_explains_the_object_mask_iou_of_a_cub_run():
+    lines = "\n".join(PretrainedMixin._score_lines({"scores": {"test/keypoint_nmi": 50.0, "test/fg_iou": 61.5,
+                                                                "test/bg_iou": 90.0}}))
+    assert "| `test/fg_iou` | 61.50 |" in lines
+    assert "keypoint mode" in lines and "binary object masks (CUB's segmentations)" in lines
+    assert "mask mode" not in lines  # no part masks were scored

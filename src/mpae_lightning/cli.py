@@ -423,6 +423,8 @@ _SINGLE_ROWS = (
     ("keypoint regression error (lower is better)", "keypoint_regression_error"),
     ("foreground IoU (masks)", "mask_fg_iou"),
     ("background IoU (masks)", "mask_bg_iou"),
+    ("foreground IoU (object masks)", "fg_iou"),
+    ("background IoU (object masks)", "bg_iou"),
     ("parts per image (a count)", "parts_per_image"),
 )
 

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from .losses import MPAELoss
-from .metrics import KeypointPartMetrics, MaskPartMetrics
+from .metrics import ForegroundMaskMetrics, KeypointPartMetrics, MaskPartMetrics
 from .models import MPAE, MPAEOutput, is_official_state_dict, load_official_state_dict
 from .models.backbone import DEFAULT_BACKBONE
 from .models.weights import WeightsUnavailableError, is_local_file, is_random, load_state_dict_file
@@ -440,6 +440,7 @@ class MPAEModule(LightningModule, PretrainedMixin):
         self.build_metrics(
             num_keypoints=datamodule.num_keypoints if getattr(datamodule, "has_keypoints", False) else 0,
             num_mask_labels=datamodule.num_mask_labels if getattr(datamodule, "has_masks", False) else 0,
+            fg_masks=bool(getattr(datamodule, "has_fg_masks", False)),
         )
 
     def on_fit_start(self) -> None:
@@ -452,14 +453,17 @@ class MPAEModule(LightningModule, PretrainedMixin):
             message = re.escape(f"Found {len(frozen)} module(s) in eval mode at the start of training")
             warnings.filterwarnings("ignore", message=message)
 
-    def build_metrics(self, num_keypoints: int = 0, num_mask_labels: int = 0) -> None:
-        """Create the val/test metrics for the data's annotations (called from ``setup``)."""
+    def build_metrics(self, num_keypoints: int = 0, num_mask_labels: int = 0, fg_masks: bool = False) -> None:
+        """Create the val/test metrics for the data's annotations (called from ``setup``); ``fg_masks``:
+        the items carry binary object masks (``fg_mask``, e.g. CUB's segmentations)."""
         num_parts = self.model.num_parts
         for split in ("val", "test"):
             if num_keypoints and f"{split}_keypoint" not in self.metrics:
                 self.metrics[f"{split}_keypoint"] = KeypointPartMetrics(num_keypoints, num_parts)
             if num_mask_labels and f"{split}_mask" not in self.metrics:
                 self.metrics[f"{split}_mask"] = MaskPartMetrics(num_mask_labels, num_parts)
+            if fg_masks and f"{split}_fg_mask" not in self.metrics:
+                self.metrics[f"{split}_fg_mask"] = ForegroundMaskMetrics(num_parts)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = self.model.trainable_parameters()
@@ -527,6 +531,8 @@ class MPAEModule(LightningModule, PretrainedMixin):
             self.metrics[f"{stage}_keypoint"].update(probs, batch["keypoints"], batch["visible"], self.model.image_size)
         if f"{stage}_mask" in self.metrics and "mask" in batch:
             self.metrics[f"{stage}_mask"].update(probs, batch["mask"], grid_probs)
+        if f"{stage}_fg_mask" in self.metrics and "fg_mask" in batch:
+            self.metrics[f"{stage}_fg_mask"].update(probs if grid_probs is None else grid_probs, batch["fg_mask"])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> MPAEOutput:
         # One pass gives all: losses (masking noise fixed by the sample index, so validation
@@ -583,19 +589,21 @@ class MPAEModule(LightningModule, PretrainedMixin):
         """Compute (this syncs the contingency tables across processes), log and reset.
 
         Names say what is scored: ``keypoint_*`` (part labels read at the annotated
-        keypoints) and ``mask_*`` (part map against the ground-truth part masks), under
+        keypoints), ``mask_*`` (part map against the ground-truth part masks) and ``fg_iou`` /
+        ``bg_iou`` (foreground against binary object masks, e.g. CUB's segmentations), under
         :meth:`log_prefix` of the stage.
         """
         results: dict[str, float] = {}
-        for kind in ("keypoint", "mask"):
+        for kind, stem in (("keypoint", "keypoint_"), ("mask", "mask_"), ("fg_mask", "")):
             metric = self.metrics[f"{stage}_{kind}"] if f"{stage}_{kind}" in self.metrics else None
             if metric is None:
                 continue
             scores = {k: float(v) for k, v in metric.compute().items()}
             metric.reset()
-            parts = scores.pop("parts_per_image")  # the same count in both: logged once
-            results.update({f"{kind}_{k}": v for k, v in scores.items()})
-            results.setdefault("parts_per_image", parts)
+            parts = scores.pop("parts_per_image", None)  # the same count in both: logged once
+            results.update({f"{stem}{k}": v for k, v in scores.items()})
+            if parts is not None:
+                results.setdefault("parts_per_image", parts)
         prefix = self.log_prefix(stage)
         for name, value in results.items():
             # Identical on every rank already, so no further reduction.

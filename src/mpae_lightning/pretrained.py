@@ -91,6 +91,9 @@ _PROTOCOLS = {
     "foreground parts only (§4)",
     "mask": "mask mode (docs/evaluation.md §3): every pixel of the 128x128 part map against the "
     "ground-truth part masks, background included; `fg_iou`/`bg_iou` are the foreground/background IoU",
+    "fg_iou": "`fg_iou`/`bg_iou` (docs/evaluation.md §10): foreground/background IoU against binary object "
+    "masks (CUB's segmentations), the patch-grid map upsampled bilinearly to the mask before the argmax, "
+    "as PDiscoFormer's authors compute it",
 }
 
 

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 
 from .base import (
     DatasetFormatError,
+    ImageReadError,
     ImageRecord,
     ImageRecordDataset,
     PartDataModule,
     Split,
     check_files_exist,
+    missing_files,
     require_file,
     require_root,
 )
 
-__all__ = ["CUBDataModule", "read_cub"]
+__all__ = [
+    "CUBDataModule",
+    "CUBEvalDataset",
+    "foreground_mask_paths",
+    "load_foreground_mask",
+    "nearest_indices",
+    "read_cub",
+]
 
 CUB_NUM_KEYPOINTS = 15
 _EXPECTED = (
@@ -147,6 +159,125 @@ def read_cub(root: str, split: Literal["train", "test"]) -> list[ImageRecord]:
     return records
 
 
+_SEGMENTATIONS = (
+    "the segmentations download of CUB-200-2011 (segmentations/<class folder>/<image>.png, one PNG per "
+    "image of images.txt)"
+)
+
+
+def _resolve_segmentations(folder: str) -> str:
+    """The folder of the class folders: ``folder`` itself or its ``segmentations`` subfolder."""
+    folder = os.path.abspath(os.path.expanduser(folder))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"CUB segmentations folder {folder} does not exist or is not a folder; expected {_SEGMENTATIONS}"
+        )
+    nested = os.path.join(folder, "segmentations")
+    return nested if os.path.isdir(nested) else folder
+
+
+def foreground_mask_paths(root: str, records: Sequence[ImageRecord], segmentations: str) -> list[str]:
+    """The segmentation PNG of each record: its path under ``images/`` with ``.png``, under ``segmentations``.
+
+    Args:
+        root: The ``CUB_200_2011`` folder (or its parent) the records were read from.
+        records: Records of :func:`read_cub`.
+        segmentations: The folder of the segmentations download (or the folder that contains it).
+
+    Raises:
+        FileNotFoundError: The folder or some of the masks do not exist; one line naming them.
+    """
+    images = os.path.join(_resolve_root(root), "images")
+    folder = _resolve_segmentations(segmentations)
+    paths = [os.path.join(folder, os.path.splitext(os.path.relpath(r.path, images))[0] + ".png") for r in records]
+    missing = missing_files(paths)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(paths)} segmentation masks do not exist: {shown}; expected {_SEGMENTATIONS} "
+            f"under {folder}"
+        )
+    return paths
+
+
+def load_foreground_mask(path: str, image_size: int, image_wh: tuple[int, int] | None = None) -> torch.Tensor:
+    """A CUB segmentation as the binary foreground of the S×S evaluation input.
+
+    As the PDiscoFormer authors read CUB's masks (docs/evaluation.md §10): grey levels (PIL's
+    ``convert("L")``, as ``cv2.IMREAD_GRAYSCALE``), foreground where the value is above 0 (any
+    annotator's vote) at the original size; then, like the evaluation image, squashed to S×S with
+    nearest interpolation by cv2's ``INTER_NEAREST`` rule, which albumentations applies to their
+    masks (:func:`nearest_indices`).
+
+    Args:
+        path: The segmentation PNG.
+        image_size: Side S of the evaluation input.
+        image_wh: The image's (width, height); a mask of another size is refused.
+
+    Returns:
+        ``(S, S)`` bool.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ImageReadError: The file cannot be decoded.
+        DatasetFormatError: Its size is not the image's.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            grey = np.asarray(img.convert("L"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"segmentation mask {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(
+            f"cannot read segmentation mask {path} ({type(err).__name__}: {err}); expected a PNG of "
+            f"{_SEGMENTATIONS}; it may be truncated or corrupt"
+        ) from err
+    height, width = grey.shape
+    if image_wh is not None and (width, height) != tuple(image_wh):
+        raise DatasetFormatError(
+            f"segmentation mask {path} is {width}x{height} but its image is {image_wh[0]}x{image_wh[1]}; "
+            "expected the mask of that image"
+        )
+    rows, cols = nearest_indices(height, image_size), nearest_indices(width, image_size)
+    return torch.from_numpy(np.ascontiguousarray((grey > 0)[np.ix_(rows, cols)]))
+
+
+def nearest_indices(source: int, size: int) -> np.ndarray:
+    """Source index of each of ``size`` outputs in a nearest resize, as cv2's ``INTER_NEAREST``:
+    ``min(floor(i * (1 / (size / source))), source - 1)`` in float64.
+
+    Why not ``F.interpolate(mode="nearest")``: it computes the same rule in float32 and lands one
+    pixel lower on some boundaries (e.g. 36 -> 28 pixels).
+    """
+    return np.minimum(np.floor(np.arange(size) * (1.0 / (size / source))).astype(np.int64), source - 1)
+
+
+class _ForegroundMasks:
+    """``mask_fn`` of :class:`CUBEvalDataset`: the mask of image ``index`` (picklable for workers)."""
+
+    def __init__(self, paths: Sequence[str], image_size: int) -> None:
+        self.paths, self.image_size = list(paths), image_size
+
+    def __call__(self, index: int, width: int, height: int) -> torch.Tensor:
+        return load_foreground_mask(self.paths[index], self.image_size, (width, height))
+
+
+class CUBEvalDataset(ImageRecordDataset):
+    """CUB evaluation images whose items also carry ``fg_mask`` (S, S) bool, from the segmentations."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        if "mask" in item:  # read by mask_fn; not a part-label mask, so it gets its own name
+            item["fg_mask"] = item.pop("mask")
+        return item
+
+    def subset(self, indices: Sequence[int]) -> "CUBEvalDataset":
+        part = super().subset(indices)
+        return CUBEvalDataset(part.records, part.image_size, part.train, part.mask_fn, part.squash,
+                              part.isotropic_scale)
+
+
 class CUBDataModule(PartDataModule):
     """CUB-200-2011 with its 15 part keypoints (keypoint evaluation mode, visible keypoints only).
 
@@ -157,6 +288,10 @@ class CUBDataModule(PartDataModule):
     order. Evaluation items carry ``keypoints`` (15, 2) in pixels of the S×S resize,
     ``visible`` (15,) from the visibility flags and, when ``bounding_boxes.txt`` is there,
     ``box`` (x, y, width, height in the same pixels; the keypoint regression error divides by it).
+    With ``segmentations`` they also carry ``fg_mask`` (S, S) bool, the bird's foreground from
+    CUB-200-2011's separate segmentations download (PNG value > 0, squashed to S×S like the image,
+    nearest; :func:`load_foreground_mask`), and ``mpae test`` / validation log the foreground IoU
+    as PDiscoFormer's authors compute it on CUB (``fg_iou``, ``bg_iou``; docs/evaluation.md §10).
 
     Args:
         root: The ``CUB_200_2011`` folder (or the folder that contains it).
@@ -167,13 +302,18 @@ class CUBDataModule(PartDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the training order.
         group_by: ``"class"`` to fill each training mini-group with one bird species, or None.
-        mask_size: Unused (CUB has no part masks); kept for a uniform interface.
+        mask_size: Unused (CUB has no part masks; ``fg_mask`` is S×S, as the protocol compares at the
+            input size); kept for a uniform interface.
         val_fraction: Share of the training split held out for validation (with keypoints) instead of
             the test split (0: the test split, as the authors do; logged as ``val_on_test``).
         drop_last: Drop the training images that do not fill a whole global batch (default: keep them
             as one last, smaller batch, as the authors do; see :class:`PartDataModule`).
         input_antialias: Resize to S×S with antialiasing (default, the authors' CUB loader) or without
             (see :class:`PartDataModule`); with ``--ckpt_path`` and not given, the checkpoint's value.
+        segmentations: The folder of CUB-200-2011's segmentations download (``segmentations/``, or the
+            folder that contains it, e.g. ``root`` when it was unpacked there), to score the foreground
+            IoU; every evaluation image needs its ``<images.txt path>.png``. Default None: no
+            foreground masks (not looked for, so the scores never depend on what else lies in ``root``).
     """
 
     def __init__(
@@ -190,6 +330,7 @@ class CUBDataModule(PartDataModule):
         val_fraction: float = 0.0,
         drop_last: bool = False,
         input_antialias: bool = True,
+        segmentations: str | None = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -206,8 +347,11 @@ class CUBDataModule(PartDataModule):
         )
         self.save_hyperparameters()
         self.root = root
+        self.segmentations = segmentations
         self.has_keypoints = True
         self.num_keypoints = CUB_NUM_KEYPOINTS
+        #: Evaluation items carry ``fg_mask``; MPAEModule then logs ``fg_iou`` / ``bg_iou``.
+        self.has_fg_masks = segmentations is not None
 
     def split_source(self, split: Split) -> Split:
         """Validation and prediction read the test split (the authors validate on it)."""
@@ -217,9 +361,15 @@ class CUBDataModule(PartDataModule):
         if split == "train":
             return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=True,
                                       squash=not self.input_antialias)
-        return ImageRecordDataset(read_cub(self.root, "test"), self.image_size, train=False,
-                                  squash=not self.input_antialias)
+        return self._eval_dataset("test")
 
     def build_train_eval_dataset(self) -> ImageRecordDataset:
-        return ImageRecordDataset(read_cub(self.root, "train"), self.image_size, train=False,
-                                  squash=not self.input_antialias)
+        return self._eval_dataset("train")
+
+    def _eval_dataset(self, split: Literal["train", "test"]) -> ImageRecordDataset:
+        """Evaluation images of ``split``, with their foreground masks when ``segmentations`` is set."""
+        records = read_cub(self.root, split)
+        if self.segmentations is None:
+            return ImageRecordDataset(records, self.image_size, train=False, squash=not self.input_antialias)
+        masks = _ForegroundMasks(foreground_mask_paths(self.root, records, self.segmentations), self.image_size)
+        return CUBEvalDataset(records, self.image_size, train=False, mask_fn=masks, squash=not self.input_antialias)

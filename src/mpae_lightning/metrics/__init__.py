@@ -2,6 +2,7 @@
 
 from mpae_lightning.metrics.clustering import ContingencyMetric, ForegroundIoU, PartARI, PartNMI
 from mpae_lightning.metrics.evaluation import (
+    ForegroundMaskMetrics,
     KeypointPartMetrics,
     MaskPartMetrics,
     PartCount,
@@ -30,6 +31,7 @@ from mpae_lightning.metrics.functional import (
 __all__ = [
     "ContingencyMetric",
     "ForegroundIoU",
+    "ForegroundMaskMetrics",
     "KeypointPartMetrics",
     "KeypointRegression",
     "MaskPartMetrics",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from mpae_lightning.metrics.clustering import _check_num_labels
+from mpae_lightning.metrics.clustering import ContingencyMetric, _check_num_labels
 from mpae_lightning.metrics.functional import (
     ari_from_contingency,
     contingency_table,
@@ -32,6 +32,7 @@ from mpae_lightning.metrics.functional import (
 )
 
 __all__ = [
+    "ForegroundMaskMetrics",
     "KeypointPartMetrics",
     "MaskPartMetrics",
     "PartCount",
@@ -415,3 +416,60 @@ class MaskPartMetrics(_PartEvaluation):
             **{k: 100 * v for k, v in foreground_iou_from_contingency(fg_table).items()},
             "parts_per_image": PartCount.compute(self),
         }
+
+
+class ForegroundMaskMetrics(ContingencyMetric):
+    """Foreground and background IoU against binary object masks (CUB's segmentations), in percent.
+
+    PDiscoFormer's ``engine/eval_fg_bg.py`` (docs/evaluation.md §10): the part probabilities
+    given to ``update`` (``mpae test`` passes the native patch-grid map) are upsampled bilinearly
+    with ``align_corners=True`` to the mask size, argmax over the K+1 channels, and a pixel is
+    predicted foreground when that is not the background (last) channel. The state is
+    :class:`~mpae_lightning.metrics.ForegroundIoU`'s (truth x prediction) table, here 2x2
+    (label 0 foreground, 1 background), summed across processes, so intersection and union are
+    pooled over the whole split (``BinaryJaccardIndex``) and exact under DDP. ``compute()``
+    returns 0-d float64 tensors ``fg_iou`` and ``bg_iou``, x100.
+
+    Args:
+        num_parts: K, the number of foreground parts (the model's ``num_parts``); the part maps
+            must have K+1 channels, background last.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    plot_lower_bound = 0.0
+    plot_upper_bound = 100.0
+
+    def __init__(self, num_parts: int, **kwargs: Any) -> None:
+        super().__init__(num_true_labels=2, num_pred_labels=2, **kwargs)
+        self.num_parts = _check_num_parts(num_parts)  # K
+
+    def update(self, part_probs: Tensor, fg_mask: Tensor) -> None:  # type: ignore[override]
+        """Accumulate one batch.
+
+        Args:
+            part_probs: ``(B, K+1, h, w)`` part probabilities, background last (``mpae test``:
+                the patch-grid map, as PDiscoFormer).
+            fg_mask: ``(B, H, W)`` or ``(B, 1, H, W)`` ground-truth foreground, bool or 0/1.
+        """
+        _check_part_channels(part_probs, self.num_parts)
+        if fg_mask.ndim == 4 and fg_mask.shape[1] == 1:
+            fg_mask = fg_mask[:, 0]
+        if fg_mask.ndim != 3 or fg_mask.shape[0] != part_probs.shape[0]:
+            raise ValueError(
+                f"`fg_mask` must have shape (B, H, W) with B={part_probs.shape[0]}, got {tuple(fg_mask.shape)}"
+            )
+        if fg_mask.is_floating_point() or fg_mask.is_complex():
+            raise TypeError(f"`fg_mask` must be bool or integer 0/1, got dtype {fg_mask.dtype}")
+        if fg_mask.dtype != torch.bool:
+            if fg_mask.numel() and not bool(((fg_mask == 0) | (fg_mask == 1)).all()):
+                raise ValueError(
+                    f"`fg_mask` must be a binary foreground mask (0/1), got values up to {int(fg_mask.max())}; "
+                    "threshold the segmentation first"
+                )
+            fg_mask = fg_mask != 0
+        pred_fg = upsampled_foreground(part_probs, tuple(fg_mask.shape[-2:]))
+        # label 0 = foreground, 1 = background: the background is the last label, as ForegroundIoU's
+        super().update((~pred_fg).long(), (~fg_mask.to(pred_fg.device)).long())
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        return {k: 100 * v for k, v in foreground_iou_from_contingency(self.contingency).items()}
