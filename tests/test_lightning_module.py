@@ -212,6 +212,39 @@ def test_cub_segmentations_log_the_foreground_iou_as_pdiscoformer(tmp_path):
     assert {"val_on_test/keypoint_nmi", "val_on_test/fg_iou", "val_on_test/bg_iou"} <= validated.keys()
 
 
+def test_flowers_segmentations_log_the_foreground_iou_as_pdiscoformer(tmp_path):
+    """Flowers102DataModule(segmentations=...), foreground masks its only annotation: test and validation
+    log fg_iou / bg_iou, equal to PDiscoFormer's eval_fg_bg.py on the patch-grid maps against its
+    Flowers102Seg masks (re-typed in test_data_flowers)."""
+    from mpae_lightning.data import Flowers102DataModule
+    from test_data_flowers import _SPLITS, make_fake_flowers, pdiscoformer_fg_mask
+    from test_metrics import _pdiscoformer_fg_bg_iou
+
+    root = make_fake_flowers(tmp_path / "flowers102")
+    data = Flowers102DataModule(root=str(root), image_size=56, batch_size=2, mini_group=2, eval_batch_size=2,
+                                num_workers=0, segmentations=str(root))
+    torch.manual_seed(0)
+    module = MPAEModule(**TINY_MODULE)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Keep(lightning.pytorch.Callback):
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            seen.append((outputs["grid_probs"].clone(), batch["index"].clone()))
+
+    scores = _trainer(tmp_path, callbacks=[Keep()]).test(module, datamodule=data, verbose=False)[0]
+    assert set(scores) == {"test/fg_iou", "test/bg_iou"}  # no keypoints, no part masks
+    grids, indices = zip(*seen)
+    assert [g.shape[0] for g in grids] == [2, 2, 1] and grids[0].shape[1:] == (4, 4, 4)  # 5 test images, 4x4 grid
+    masks = [torch.stack([pdiscoformer_fg_mask(root / "flowers-102" / "segmim" / f"segmim_{_SPLITS['tstid'][i]:05d}.jpg",
+                                               56) for i in batch.tolist()]) for batch in indices]
+    fg, bg = _pdiscoformer_fg_bg_iou(grids, masks, module.model.num_parts)
+    assert abs(scores["test/fg_iou"] / 100 - fg) < 1e-5 and abs(scores["test/bg_iou"] / 100 - bg) < 1e-5
+    assert 0.05 < fg < 0.95 and 0.05 < bg < 0.95  # neither all foreground nor all background
+    validated = _trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]
+    assert {"val_on_test/fg_iou", "val_on_test/bg_iou"} <= validated.keys()
+    assert validated["val_on_test/fg_iou"] == pytest.approx(scores["test/fg_iou"])  # the same images, eval mode
+
+
 def test_validation_masking_noise_is_fixed_by_the_sample_index():
     module = MPAEModule(**LAZY_VGG)
     images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))

@@ -13,6 +13,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
     from .data import (
         CelebADataModule,
         CUBDataModule,
+        Flowers102DataModule,
         ImageFolderDataModule,
         MiniGroupBatchSampler,
         PartImageNetDataModule,
@@ -28,6 +29,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
 _EXPORTS = {
     "CUBDataModule": ".data",
     "CelebADataModule": ".data",
+    "Flowers102DataModule": ".data",
     "ImageFolderDataModule": ".data",
     "MiniGroupBatchSampler": ".data",
     "PartImageNetDataModule": ".data",
@@ -51,6 +53,7 @@ _SUBMODULES = ("data", "losses", "metrics", "models", "lightning_module")
 __all__ = [
     "CUBDataModule",
     "CelebADataModule",
+    "Flowers102DataModule",
     "ImageFolderDataModule",
     "KeypointPartMetrics",
     "MPAE",

@@ -382,7 +382,9 @@ class MPAECLI(LightningCLI):
         """Refuse data with nothing to score before the test loop runs (exit 2, no scores file)."""
         datamodule = self.datamodule
         flags = [getattr(datamodule, name, None) for name in ("has_keypoints", "has_masks")]
-        if flags == [False, False]:  # a PartDataModule that says so (another DataModule is tried)
+        # A PartDataModule that says so (another DataModule is tried); binary object masks
+        # (has_fg_masks: CUB or Flowers-102 with segmentations) are something to score too.
+        if flags == [False, False] and not getattr(datamodule, "has_fg_masks", False):
             raise ConfigError(f"mpae test: {_nothing_to_score(datamodule)}")
 
     def after_test(self) -> None:
@@ -455,7 +457,8 @@ def _nothing_to_score(datamodule: Any) -> str:
     data = f"data {name}" + (f" (root={root})" if root else "")
     return (
         f"{data} has no keypoints or masks to score; test needs annotated data (CUB, CelebA, PartImageNet, "
-        "synthetic parts); to see the parts of these images run mpae predict with the same arguments"
+        "Flowers-102 with segmentations, synthetic parts); to see the parts of these images run mpae predict "
+        "with the same arguments"
     )
 
 

@@ -69,8 +69,9 @@ def frozen_parts_left_out(checkpoint_path: str | os.PathLike) -> dict[str, dict[
     return dict(read_checkpoint(str(checkpoint_path)).get(FROZEN_RECORD) or {})
 
 
-#: Validation scores shown in the progress bar; the first one present is also ``hp_metric``.
-MAIN_SCORES = ("keypoint_nmi", "mask_nmi")
+#: Validation scores shown in the progress bar; the first one present is also ``hp_metric``
+#: (``fg_iou``: data whose only annotation is object masks, e.g. Flowers-102).
+MAIN_SCORES = ("keypoint_nmi", "mask_nmi", "fg_iou")
 
 
 def checkpoint_summary(checkpoint: dict[str, Any]) -> dict[str, Any]:

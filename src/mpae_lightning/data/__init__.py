@@ -4,7 +4,8 @@ Every DataModule yields dict batches: ``image`` (B, 3, S, S) ImageNet-normalised
 (position in the split, in the dataset's own listing order), ``path`` and ``label`` (-1 if
 unknown); evaluation batches of keypoint datasets add ``keypoints`` (B, P, 2) in pixels of the
 S×S image and ``visible`` (B, P), mask datasets add ``mask`` (B, mask_size, mask_size) long with
-the background as the last label. Train with ``Trainer(use_distributed_sampler=False)``: the
+the background as the last label, and object-mask datasets (CUB or Flowers-102 with
+``segmentations``) add ``fg_mask`` (B, S, S) bool. Train with ``Trainer(use_distributed_sampler=False)``: the
 DataModules shard their batches themselves.
 """
 
@@ -19,6 +20,7 @@ warnings.filterwarnings(
 from .base import DatasetFormatError, ImageReadError, ImageRecord, ImageRecordDataset, PartDataModule, load_rgb
 from .celeba import CelebADataModule
 from .cub import CUBDataModule
+from .flowers import Flowers102DataModule
 from .image_folder import ImageFolderDataModule
 from .partimagenet import PartImageNetDataModule
 from .samplers import EvalShardSampler, MiniGroupBatchSampler
@@ -43,6 +45,7 @@ __all__ = [
     "CelebADataModule",
     "DatasetFormatError",
     "EvalShardSampler",
+    "Flowers102DataModule",
     "ImageFolderDataModule",
     "ImageReadError",
     "ImageRecord",
