@@ -247,7 +247,7 @@ class ImageRecordDataset(Dataset):
         """The records at ``indices`` (``index`` then counts within the subset), masks included."""
         indices = [int(i) for i in indices]
         mask_fn = _SubsetMaskFn(self.mask_fn, indices) if self.mask_fn is not None else None
-        return ImageRecordDataset(
+        return type(self)(  # a subclass's subset keeps its items' form
             [self.records[i] for i in indices], self.image_size, self.train, mask_fn, self.squash, self.isotropic_scale
         )
 
@@ -278,6 +278,70 @@ class ImageRecordDataset(Dataset):
         if self.mask_fn is not None:
             item["mask"] = self.mask_fn(index, width, height)
         return item
+
+
+class ForegroundMaskDataset(ImageRecordDataset):
+    """Evaluation images whose ``mask_fn`` reads a binary object mask, returned as ``fg_mask`` (S, S) bool.
+
+    Not a part-label ``mask``: ``MPAEModule`` scores it with the foreground IoU only (CUB's and
+    Flowers-102's segmentations; ``has_fg_masks`` on the DataModule).
+    """
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        if "mask" in item:
+            item["fg_mask"] = item.pop("mask")
+        return item
+
+
+class MaskFiles:
+    """``mask_fn`` of a :class:`ForegroundMaskDataset`: ``load(paths[index], image_size, (width, height))``.
+
+    A plain object holding a module-level ``load``, so DataLoader workers can receive it pickled.
+    """
+
+    def __init__(self, paths: Sequence[str], image_size: int,
+                 load: Callable[[str, int, tuple[int, int]], torch.Tensor]) -> None:
+        self.paths, self.image_size, self.load = list(paths), image_size, load
+
+    def __call__(self, index: int, width: int, height: int) -> torch.Tensor:
+        return self.load(self.paths[index], self.image_size, (width, height))
+
+
+def read_segmentation(path: str, mode: str, what: str, expected: str,
+                      image_wh: tuple[int, int] | None = None) -> np.ndarray:
+    """The pixels of a segmentation file in PIL ``mode`` ("L", "RGB"), checked against its image's size.
+
+    Args:
+        path: The file.
+        mode: PIL mode to convert to.
+        what: What the file is, for messages (e.g. "segmentation mask").
+        expected: What it should be, for the message of an unreadable file.
+        image_wh: The image's (width, height); a file of another size is refused.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ImageReadError: The file cannot be decoded.
+        DatasetFormatError: Its size is not ``image_wh``.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            pixels = np.asarray(img.convert(mode))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(
+            f"cannot read {what} {path} ({type(err).__name__}: {err}); expected {expected}; "
+            "it may be truncated or corrupt"
+        ) from err
+    height, width = pixels.shape[:2]
+    if image_wh is not None and (width, height) != tuple(image_wh):
+        raise DatasetFormatError(
+            f"{what} {path} is {width}x{height} but its image is {image_wh[0]}x{image_wh[1]}; "
+            f"expected the {what} of that image"
+        )
+    return pixels
 
 
 class PartDataModule(LightningDataModule, ABC):

@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .base import (
     DatasetFormatError,
-    ImageReadError,
+    ForegroundMaskDataset,
     ImageRecord,
     ImageRecordDataset,
+    MaskFiles,
     PartDataModule,
     Split,
     check_files_exist,
     missing_files,
+    read_segmentation,
     require_file,
     require_root,
 )
 
 __all__ = [
     "CUBDataModule",
-    "CUBEvalDataset",
     "foreground_mask_paths",
     "load_foreground_mask",
     "nearest_indices",
@@ -222,23 +222,8 @@ def load_foreground_mask(path: str, image_size: int, image_wh: tuple[int, int] |
         ImageReadError: The file cannot be decoded.
         DatasetFormatError: Its size is not the image's.
     """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            grey = np.asarray(img.convert("L"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"segmentation mask {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageReadError(
-            f"cannot read segmentation mask {path} ({type(err).__name__}: {err}); expected a PNG of "
-            f"{_SEGMENTATIONS}; it may be truncated or corrupt"
-        ) from err
+    grey = read_segmentation(path, "L", "segmentation mask", f"a PNG of {_SEGMENTATIONS}", image_wh)
     height, width = grey.shape
-    if image_wh is not None and (width, height) != tuple(image_wh):
-        raise DatasetFormatError(
-            f"segmentation mask {path} is {width}x{height} but its image is {image_wh[0]}x{image_wh[1]}; "
-            "expected the mask of that image"
-        )
     rows, cols = nearest_indices(height, image_size), nearest_indices(width, image_size)
     return torch.from_numpy(np.ascontiguousarray((grey > 0)[np.ix_(rows, cols)]))
 
@@ -251,31 +236,6 @@ def nearest_indices(source: int, size: int) -> np.ndarray:
     pixel lower on some boundaries (e.g. 36 -> 28 pixels).
     """
     return np.minimum(np.floor(np.arange(size) * (1.0 / (size / source))).astype(np.int64), source - 1)
-
-
-class _ForegroundMasks:
-    """``mask_fn`` of :class:`CUBEvalDataset`: the mask of image ``index`` (picklable for workers)."""
-
-    def __init__(self, paths: Sequence[str], image_size: int) -> None:
-        self.paths, self.image_size = list(paths), image_size
-
-    def __call__(self, index: int, width: int, height: int) -> torch.Tensor:
-        return load_foreground_mask(self.paths[index], self.image_size, (width, height))
-
-
-class CUBEvalDataset(ImageRecordDataset):
-    """CUB evaluation images whose items also carry ``fg_mask`` (S, S) bool, from the segmentations."""
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = super().__getitem__(index)
-        if "mask" in item:  # read by mask_fn; not a part-label mask, so it gets its own name
-            item["fg_mask"] = item.pop("mask")
-        return item
-
-    def subset(self, indices: Sequence[int]) -> "CUBEvalDataset":
-        part = super().subset(indices)
-        return CUBEvalDataset(part.records, part.image_size, part.train, part.mask_fn, part.squash,
-                              part.isotropic_scale)
 
 
 class CUBDataModule(PartDataModule):
@@ -371,5 +331,7 @@ class CUBDataModule(PartDataModule):
         records = read_cub(self.root, split)
         if self.segmentations is None:
             return ImageRecordDataset(records, self.image_size, train=False, squash=not self.input_antialias)
-        masks = _ForegroundMasks(foreground_mask_paths(self.root, records, self.segmentations), self.image_size)
-        return CUBEvalDataset(records, self.image_size, train=False, mask_fn=masks, squash=not self.input_antialias)
+        masks = MaskFiles(foreground_mask_paths(self.root, records, self.segmentations), self.image_size,
+                          load_foreground_mask)
+        return ForegroundMaskDataset(records, self.image_size, train=False, mask_fn=masks,
+                                     squash=not self.input_antialias)

@@ -4,31 +4,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from .base import (
     DatasetFormatError,
-    ImageReadError,
+    ForegroundMaskDataset,
     ImageRecord,
     ImageRecordDataset,
+    MaskFiles,
     PartDataModule,
     Split,
     check_files_exist,
     missing_files,
+    read_segmentation,
     require_file,
     require_root,
 )
-from .cub import CUBEvalDataset
 
 __all__ = [
     "FLOWERS102_SPLITS",
     "Flowers102DataModule",
-    "Flowers102EvalDataset",
     "flowers102_foreground",
     "flowers102_mask_paths",
     "load_flowers102_foreground_mask",
@@ -197,44 +196,9 @@ def load_flowers102_foreground_mask(
         ImageReadError: The file cannot be decoded.
         DatasetFormatError: Its size is not the image's.
     """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = np.asarray(img.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"segmentation image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageReadError(
-            f"cannot read segmentation image {path} ({type(err).__name__}: {err}); expected a JPEG of "
-            f"{_SEGMENTATIONS}; it may be truncated or corrupt"
-        ) from err
-    height, width = rgb.shape[:2]
-    if image_wh is not None and (width, height) != tuple(image_wh):
-        raise DatasetFormatError(
-            f"segmentation image {path} is {width}x{height} but its image is {image_wh[0]}x{image_wh[1]}; "
-            "expected the segmentation of that image"
-        )
+    rgb = read_segmentation(path, "RGB", "segmentation image", f"a JPEG of {_SEGMENTATIONS}", image_wh)
     mask = torch.from_numpy(flowers102_foreground(rgb).astype(np.float32))[None, None]
     return F.interpolate(mask, size=(image_size, image_size), mode="nearest")[0, 0] > 0.5
-
-
-class _ForegroundMasks:
-    """``mask_fn`` of :class:`Flowers102EvalDataset`: the mask of image ``index`` (picklable for workers)."""
-
-    def __init__(self, paths: Sequence[str], image_size: int) -> None:
-        self.paths, self.image_size = list(paths), image_size
-
-    def __call__(self, index: int, width: int, height: int) -> torch.Tensor:
-        return load_flowers102_foreground_mask(self.paths[index], self.image_size, (width, height))
-
-
-class Flowers102EvalDataset(CUBEvalDataset):
-    """Flowers-102 evaluation images whose items also carry ``fg_mask`` (S, S) bool, from ``segmim``."""
-
-    def subset(self, indices: Sequence[int]) -> "Flowers102EvalDataset":
-        part = ImageRecordDataset.subset(self, indices)
-        return Flowers102EvalDataset(part.records, part.image_size, part.train, part.mask_fn, part.squash,
-                                     part.isotropic_scale)
 
 
 class Flowers102DataModule(PartDataModule):
@@ -328,6 +292,7 @@ class Flowers102DataModule(PartDataModule):
         records = read_flowers102(self.root, split)
         if self.segmentations is None:
             return ImageRecordDataset(records, self.image_size, train=False, squash=not self.input_antialias)
-        masks = _ForegroundMasks(flowers102_mask_paths(records, self.segmentations), self.image_size)
-        return Flowers102EvalDataset(records, self.image_size, train=False, mask_fn=masks,
+        masks = MaskFiles(flowers102_mask_paths(records, self.segmentations), self.image_size,
+                          load_flowers102_foreground_mask)
+        return ForegroundMaskDataset(records, self.image_size, train=False, mask_fn=masks,
                                      squash=not self.input_antialias)
