@@ -308,6 +308,26 @@ class MaskFiles:
         return self.load(self.paths[index], self.image_size, (width, height))
 
 
+def check_masks_exist(paths: Sequence[str], what: str, expected: str, folder: str) -> None:
+    """One FileNotFoundError naming the first missing ``what`` files (e.g. "segmentation masks") and their count."""
+    missing = missing_files(paths)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(paths)} {what} do not exist: {shown}; expected {expected} under {folder}"
+        )
+
+
+def object_mask_dataset(records: Sequence[ImageRecord], image_size: int, squash: bool,
+                        mask_paths: Sequence[str] | None,
+                        load: Callable[[str, int, tuple[int, int]], torch.Tensor]) -> ImageRecordDataset:
+    """Evaluation images, with ``fg_mask`` items read by ``load`` from ``mask_paths`` when there are any."""
+    if mask_paths is None:
+        return ImageRecordDataset(records, image_size, train=False, squash=squash)
+    return ForegroundMaskDataset(records, image_size, train=False, mask_fn=MaskFiles(mask_paths, image_size, load),
+                                 squash=squash)
+
+
 def read_segmentation(path: str, mode: str, what: str, expected: str,
                       image_wh: tuple[int, int] | None = None) -> np.ndarray:
     """The pixels of a segmentation file in PIL ``mode`` ("L", "RGB"), checked against its image's size.

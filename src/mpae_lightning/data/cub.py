@@ -11,14 +11,13 @@ import torch
 
 from .base import (
     DatasetFormatError,
-    ForegroundMaskDataset,
     ImageRecord,
     ImageRecordDataset,
-    MaskFiles,
     PartDataModule,
     Split,
     check_files_exist,
-    missing_files,
+    check_masks_exist,
+    object_mask_dataset,
     read_segmentation,
     require_file,
     require_root,
@@ -190,13 +189,7 @@ def foreground_mask_paths(root: str, records: Sequence[ImageRecord], segmentatio
     images = os.path.join(_resolve_root(root), "images")
     folder = _resolve_segmentations(segmentations)
     paths = [os.path.join(folder, os.path.splitext(os.path.relpath(r.path, images))[0] + ".png") for r in records]
-    missing = missing_files(paths)
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(paths)} segmentation masks do not exist: {shown}; expected {_SEGMENTATIONS} "
-            f"under {folder}"
-        )
+    check_masks_exist(paths, "segmentation masks", _SEGMENTATIONS, folder)
     return paths
 
 
@@ -329,9 +322,5 @@ class CUBDataModule(PartDataModule):
     def _eval_dataset(self, split: Literal["train", "test"]) -> ImageRecordDataset:
         """Evaluation images of ``split``, with their foreground masks when ``segmentations`` is set."""
         records = read_cub(self.root, split)
-        if self.segmentations is None:
-            return ImageRecordDataset(records, self.image_size, train=False, squash=not self.input_antialias)
-        masks = MaskFiles(foreground_mask_paths(self.root, records, self.segmentations), self.image_size,
-                          load_foreground_mask)
-        return ForegroundMaskDataset(records, self.image_size, train=False, mask_fn=masks,
-                                     squash=not self.input_antialias)
+        paths = None if self.segmentations is None else foreground_mask_paths(self.root, records, self.segmentations)
+        return object_mask_dataset(records, self.image_size, not self.input_antialias, paths, load_foreground_mask)

@@ -12,14 +12,13 @@ import torch.nn.functional as F
 
 from .base import (
     DatasetFormatError,
-    ForegroundMaskDataset,
     ImageRecord,
     ImageRecordDataset,
-    MaskFiles,
     PartDataModule,
     Split,
     check_files_exist,
-    missing_files,
+    check_masks_exist,
+    object_mask_dataset,
     read_segmentation,
     require_file,
     require_root,
@@ -129,13 +128,7 @@ def flowers102_mask_paths(records: Sequence[ImageRecord], segmentations: str) ->
     """
     folder = _resolve_segmentations(segmentations)
     paths = [os.path.join(folder, "segmim_" + os.path.basename(r.path).split("_")[-1]) for r in records]
-    missing = missing_files(paths)
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(paths)} segmentation images do not exist: {shown}; expected {_SEGMENTATIONS} "
-            f"under {folder}"
-        )
+    check_masks_exist(paths, "segmentation images", _SEGMENTATIONS, folder)
     return paths
 
 
@@ -290,9 +283,6 @@ class Flowers102DataModule(PartDataModule):
     def _eval_dataset(self, split: Literal["train", "test"]) -> ImageRecordDataset:
         """Evaluation images of ``split``, with their foreground masks when ``segmentations`` is set."""
         records = read_flowers102(self.root, split)
-        if self.segmentations is None:
-            return ImageRecordDataset(records, self.image_size, train=False, squash=not self.input_antialias)
-        masks = MaskFiles(flowers102_mask_paths(records, self.segmentations), self.image_size,
-                          load_flowers102_foreground_mask)
-        return ForegroundMaskDataset(records, self.image_size, train=False, mask_fn=masks,
-                                     squash=not self.input_antialias)
+        paths = None if self.segmentations is None else flowers102_mask_paths(records, self.segmentations)
+        return object_mask_dataset(records, self.image_size, not self.input_antialias, paths,
+                                   load_flowers102_foreground_mask)
